@@ -1,0 +1,139 @@
+"""Authenticating pushes: signatures (any backend), and the explicit opt-out.
+
+With a key, ``add_task`` signs each task when it creates it: the header
+``X-TQ-Web-Signature`` holds ``<timestamp>.<signature>`` of an itsdangerous
+``TimestampSigner(keys, salt="tq_web.push.v1", digest_method=sha256)`` over
+``POST\\n<task path>\\n<hex sha256(body)>``. Runners forward stored headers
+unchanged, so no runner needs the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from itsdangerous import BadSignature, SignatureExpired, TimestampSigner
+
+from ._time import Duration, to_timedelta
+from .exceptions import ConfigurationError
+from .request import PushRequest
+
+__all__ = [
+    "SIGNATURE_HEADER",
+    "AllowUnauthenticated",
+    "Authenticator",
+    "SignatureAuthenticator",
+    "Signer",
+    "keys_from_env",
+]
+
+log = logging.getLogger("tq_web")
+
+SIGNATURE_HEADER = "X-TQ-Web-Signature"
+SALT = "tq_web.push.v1"
+ENV_SECRET_KEY = "TQ_WEB_SECRET_KEY"
+
+Keys = str | bytes | Sequence[str | bytes]
+
+
+@runtime_checkable
+class Authenticator(Protocol):
+    """Decides whether a push may run a handler.
+
+    ``authenticate`` returns ``None`` to accept, or a short reason (never a
+    secret) to reject. Several authenticators may be combined: a push is
+    accepted when any one accepts it.
+    """
+
+    def authenticate(self, request: PushRequest) -> str | None:
+        """Return None to accept the request, else why it is rejected."""
+        ...
+
+
+def _key_list(keys: Keys) -> list[bytes]:
+    if isinstance(keys, str | bytes):
+        items: list[str | bytes] = [keys]
+    else:
+        items = list(keys)
+    out = [k.encode("utf-8") if isinstance(k, str) else bytes(k) for k in items]
+    out = [k for k in out if k]
+    if not out:
+        raise ConfigurationError("secret_key is empty")
+    return out
+
+
+def keys_from_env() -> list[str] | None:
+    """Keys from ``TQ_WEB_SECRET_KEY`` (comma-separated, oldest first), or None."""
+    raw = os.environ.get(ENV_SECRET_KEY, "")
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    return keys or None
+
+
+def _signing_input(path: str, body: bytes) -> bytes:
+    return b"POST\n" + path.encode("utf-8") + b"\n" + hashlib.sha256(body).hexdigest().encode()
+
+
+class Signer:
+    """Signs and verifies pushes.
+
+    Args:
+        keys: one key, or several ordered oldest to newest: the newest (last)
+            signs, all verify (for rotation).
+        max_age: reject signatures older than this (default: no expiry, since
+            tasks may wait and retry for days).
+    """
+
+    def __init__(self, keys: Keys, max_age: Duration | None = None) -> None:
+        self._signer = TimestampSigner(
+            _key_list(keys), salt=SALT, digest_method=hashlib.sha256
+        )
+        age = to_timedelta(max_age, "signature_max_age")
+        self.max_age: int | None = None if age is None else max(1, int(age.total_seconds()))
+
+    def __repr__(self) -> str:  # never show keys
+        return f"Signer(max_age={self.max_age!r})"
+
+    def sign(self, path: str, body: bytes) -> str:
+        """The ``X-TQ-Web-Signature`` value for a POST of ``body`` to ``path``."""
+        value = _signing_input(path, body)
+        signed = self._signer.sign(value)
+        return signed[len(value) + 1 :].decode("ascii")
+
+    def verify(self, path: str, body: bytes, signature: str) -> str | None:
+        """None if ``signature`` is valid for this path and body, else a reason."""
+        if not signature:
+            return "missing signature"
+        try:
+            token = signature.encode("ascii")
+        except UnicodeEncodeError:
+            return "malformed signature"
+        try:
+            self._signer.unsign(_signing_input(path, body) + b"." + token, max_age=self.max_age)
+        except SignatureExpired:
+            return "expired signature"
+        except BadSignature:
+            return "bad signature"
+        return None
+
+
+class SignatureAuthenticator:
+    """Accepts pushes that carry a valid ``X-TQ-Web-Signature``."""
+
+    def __init__(self, signer: Signer) -> None:
+        self.signer = signer
+
+    def authenticate(self, request: PushRequest) -> str | None:
+        """Verify the signature over the request's full path and body."""
+        sig = request.headers.get(SIGNATURE_HEADER.lower(), "")
+        return self.signer.verify(request.path, request.body, sig)
+
+
+class AllowUnauthenticated:
+    """Accepts every push (``Dispatcher(allow_unauthenticated=True)``)."""
+
+    def authenticate(self, request: PushRequest) -> str | None:
+        """Accept."""
+        return None

@@ -1,0 +1,214 @@
+"""The push endpoint's core: bytes and headers in, a status out.
+
+Every adapter (ASGI, WSGI, Flask, Starlette), the runner's loopback path and
+the testing Scheduler call this one place, and :func:`result_for` is the one
+function that maps outcomes to statuses:
+
+=====================================================  ======  ==================
+outcome                                                status  the queue will
+=====================================================  ======  ==================
+handler returned                                       200     drop the task (done)
+raised ``Retry`` (or tagged; wins over Transient)      409     retry
+raised ``Transient`` (or tagged)                       500     retry
+raised any other ``Exception``                         202     drop it (logged)
+bad body / unknown type / no handler                   202     drop it (logged)
+not authenticated                                      403     retry
+body larger than the limit                             413     retry
+=====================================================  ======  ==================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import Message
+
+from .codec import DecodeError, decode
+from .exceptions import Retry, Transient
+from .headers import RequestHeaders, headers_context, parse_request_headers
+from .request import PushRequest, PushResult
+from .taskqueue import RetryOptions
+
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "PushCore", "Registration", "result_for"]
+
+log = logging.getLogger("tq_web")
+
+DEFAULT_MAX_BODY_SIZE = 1 << 20
+
+Handler = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered task type."""
+
+    type_name: str
+    prototype: type[Message]
+    handler: Handler
+    queue: str
+    retry_options: RetryOptions | None
+    is_async: bool
+
+
+OK = PushResult(200, "ok", "OK\n")
+
+
+def result_for(
+    error: BaseException | None, *, retry_untagged: bool = False, type_name: str = ""
+) -> PushResult:
+    """Map a handler's outcome to the status table (the only such mapping)."""
+    if error is None:
+        return PushResult(200, "ok", "OK\n", None, type_name)
+    if Retry.is_tagged(error):
+        return PushResult(409, "retry", f"The handler asked for retry: {error}\n", error, type_name)
+    if Transient.is_tagged(error):
+        return PushResult(500, "transient", f"Transient error: {error}\n", error, type_name)
+    if retry_untagged:
+        return PushResult(500, "transient", f"Error: {error}\n", error, type_name)
+    return PushResult(202, "dropped", f"Fatal error: {error}\n", error, type_name)
+
+
+def rejected(status: int, text: str) -> PushResult:
+    """A request refused before any handler ran (403, 405, 413)."""
+    return PushResult(status, "rejected", text + "\n")
+
+
+def bad_payload(reason: str) -> PushResult:
+    """A body that cannot run (202: dropped, not retried)."""
+    return PushResult(202, "dropped", f"Bad payload, can't deserialize: {reason}\n")
+
+
+def run_coroutine_blocking(coro: Any) -> Any:
+    """Run a coroutine to completion from sync code (Flask, the Scheduler).
+
+    Uses a fresh event loop in this thread, or in a helper thread when this
+    thread already runs one. The current context (request headers) is kept.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    ctx = contextvars.copy_context()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = ctx.run(asyncio.run, coro)
+        except BaseException as err:
+            box["error"] = err
+
+    th = threading.Thread(target=target, name="tq_web-async-handler")
+    th.start()
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+class PushCore:
+    """Authenticates, decodes and runs pushes; maps results to statuses."""
+
+    def __init__(
+        self,
+        lookup: Callable[[str], Registration | None],
+        authenticate: Callable[[PushRequest], str | None],
+        *,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        retry_untagged: bool = False,
+        log_task_bodies: bool = False,
+    ) -> None:
+        self.lookup = lookup
+        self.authenticate = authenticate
+        self.max_body_size = max_body_size
+        self.retry_untagged = retry_untagged
+        self.log_task_bodies = log_task_bodies
+
+    def _proto_lookup(self, type_name: str) -> type[Message] | None:
+        reg = self.lookup(type_name)
+        return None if reg is None else reg.prototype
+
+    def prepare(
+        self, request: PushRequest, *, trusted: bool = False
+    ) -> PushResult | tuple[Registration, Message, RequestHeaders]:
+        """Run the checks, in order: method, size (413), auth (403), decode (202).
+
+        Returns a final result, or what is needed to call the handler.
+        """
+        if request.method != "POST":
+            return rejected(405, "Method Not Allowed")
+        if len(request.body) > self.max_body_size:
+            return rejected(413, "Request body too large")
+        if not trusted:
+            reason = self.authenticate(request)
+            if reason is not None:
+                return rejected(403, "Forbidden")
+        try:
+            type_name, message = decode(request.body, self._proto_lookup)
+        except DecodeError as err:
+            log.error("tq_web: dropping push to %s: %s", request.path, err)
+            return bad_payload(str(err))
+        reg = self.lookup(type_name)
+        if reg is None:  # pragma: no cover - decode already checked
+            return bad_payload(f"no handler for type {type_name!r}")
+        headers = parse_request_headers(request.headers)
+        if self.log_task_bodies:
+            log.debug("tq_web: task %s (exec count %d): %r", type_name,
+                      headers.task_execution_count, request.body)
+        return reg, message, headers
+
+    def finish(self, reg: Registration, error: BaseException | None) -> PushResult:
+        """The result for a handler outcome, logged."""
+        result = result_for(error, retry_untagged=self.retry_untagged, type_name=reg.type_name)
+        if result.outcome == "dropped":
+            log.error("tq_web: task %s failed for good (not retried)", reg.type_name,
+                      exc_info=error)
+        elif result.outcome != "ok":
+            log.warning("tq_web: task %s will be retried: %s", reg.type_name, result.text.strip())
+        return result
+
+    def call_sync(self, request: PushRequest, *, trusted: bool = False) -> PushResult:
+        """Handle a push from sync code (WSGI, the Scheduler)."""
+        prepared = self.prepare(request, trusted=trusted)
+        if isinstance(prepared, PushResult):
+            return prepared
+        reg, message, headers = prepared
+        error: BaseException | None = None
+        with headers_context(headers):
+            try:
+                out = reg.handler(message)
+                if inspect.isawaitable(out):
+                    run_coroutine_blocking(out)
+            except Exception as err:
+                error = err
+        return self.finish(reg, error)
+
+    async def call_async(self, request: PushRequest, *, trusted: bool = False) -> PushResult:
+        """Handle a push from async code (ASGI); sync handlers run in a thread."""
+        prepared = self.prepare(request, trusted=trusted)
+        if isinstance(prepared, PushResult):
+            return prepared
+        reg, message, headers = prepared
+        error: BaseException | None = None
+        try:
+            if reg.is_async:
+                with headers_context(headers):
+                    await reg.handler(message)
+            else:
+                await asyncio.to_thread(_call_in_context, reg.handler, message, headers)
+        except Exception as err:
+            error = err
+        return self.finish(reg, error)
+
+
+def _call_in_context(handler: Handler, message: Message, headers: RequestHeaders) -> None:
+    with headers_context(headers):
+        out = handler(message)
+        if inspect.isawaitable(out):
+            run_coroutine_blocking(out)
