@@ -63,13 +63,18 @@ def serve_wsgi(app: Any) -> Iterator[str]:
         thread.join(10)
 
 
-def http_post(url: str, body: bytes, headers: dict[str, str] | None = None,
-              method: str = "POST") -> tuple[int, dict[str, str], bytes]:
+def http_post(
+    url: str, body: bytes, headers: dict[str, str] | None = None, method: str = "POST"
+) -> tuple[int, dict[str, str], bytes]:
     """POST over real HTTP; return status, headers (lower-case) and body."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+            return (
+                resp.status,
+                {k.lower(): v for k, v in resp.headers.items()},
+                resp.read(),
+            )
     except urllib.error.HTTPError as err:
         return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 

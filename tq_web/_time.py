@@ -49,7 +49,10 @@ def require_aware(value: datetime | None, what: str = "datetime") -> datetime | 
     if not isinstance(value, datetime):
         raise TypeError(f"{what} must be a datetime, got {value!r}")
     if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
-        raise ValueError(f"{what} must be timezone-aware (use datetime.now(UTC)), got a naive {value!r}")
+        raise ValueError(
+            f"{what} must be timezone-aware (use datetime.now(UTC)), "
+            f"got a naive {value!r}"
+        )
     return value.astimezone(UTC)
 
 

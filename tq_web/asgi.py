@@ -23,11 +23,15 @@ async def _send(send: Send, result: PushResult) -> None:
     body = result.body
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers]
     headers.append((b"content-length", str(len(body)).encode("ascii")))
-    await send({"type": "http.response.start", "status": result.status, "headers": headers})
+    await send(
+        {"type": "http.response.start", "status": result.status, "headers": headers}
+    )
     await send({"type": "http.response.body", "body": body})
 
 
-async def serve_push(dispatcher: Dispatcher, scope: Scope, receive: Receive, send: Send) -> None:
+async def serve_push(
+    dispatcher: Dispatcher, scope: Scope, receive: Receive, send: Send
+) -> None:
     """Serve one push request (``scope`` is an HTTP scope under ``base_url``)."""
     limit = dispatcher.core.max_body_size
     headers: dict[str, str] = {}

@@ -73,7 +73,12 @@ def keys_from_env() -> list[str] | None:
 
 
 def _signing_input(path: str, body: bytes) -> bytes:
-    return b"POST\n" + path.encode("utf-8") + b"\n" + hashlib.sha256(body).hexdigest().encode()
+    return (
+        b"POST\n"
+        + path.encode("utf-8")
+        + b"\n"
+        + hashlib.sha256(body).hexdigest().encode()
+    )
 
 
 class Signer:
@@ -91,7 +96,9 @@ class Signer:
             _key_list(keys), salt=SALT, digest_method=hashlib.sha256
         )
         age = to_timedelta(max_age, "signature_max_age")
-        self.max_age: int | None = None if age is None else max(1, int(age.total_seconds()))
+        self.max_age: int | None = (
+            None if age is None else max(1, int(age.total_seconds()))
+        )
 
     def __repr__(self) -> str:  # never show keys
         return f"Signer(max_age={self.max_age!r})"
@@ -111,7 +118,9 @@ class Signer:
         except UnicodeEncodeError:
             return "malformed signature"
         try:
-            self._signer.unsign(_signing_input(path, body) + b"." + token, max_age=self.max_age)
+            self._signer.unsign(
+                _signing_input(path, body) + b"." + token, max_age=self.max_age
+            )
         except SignatureExpired:
             return "expired signature"
         except BadSignature:

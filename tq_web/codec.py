@@ -35,7 +35,9 @@ def encode(message: Message) -> bytes:
     ).encode("utf-8")
 
 
-def decode(data: bytes, lookup: Callable[[str], type[Message] | None]) -> tuple[str, Message]:
+def decode(
+    data: bytes, lookup: Callable[[str], type[Message] | None]
+) -> tuple[str, Message]:
     """Parse an envelope; ``lookup`` maps a type name to its message class.
 
     Unknown fields in ``body`` are ignored (an old handler accepts a newer
@@ -63,7 +65,13 @@ def decode(data: bytes, lookup: Callable[[str], type[Message] | None]) -> tuple[
     message = cls()
     try:
         json_format.ParseDict(body, message, ignore_unknown_fields=True)
-    except (json_format.ParseError, ValueError, TypeError, RecursionError, AttributeError) as err:
+    except (
+        json_format.ParseError,
+        ValueError,
+        TypeError,
+        RecursionError,
+        AttributeError,
+    ) as err:
         raise DecodeError(f"body does not parse as {type_name}: {err}") from None
     except Exception as err:  # protobuf may raise others on hostile input
         raise DecodeError(f"body does not parse as {type_name}: {err!r}") from None

@@ -12,12 +12,25 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from .queues import QueueConfig
-from .taskqueue import DEFAULT_RETRY_OPTIONS, RetryOptions, Task, backoff, retries_exhausted
+from .taskqueue import (
+    DEFAULT_RETRY_OPTIONS,
+    RetryOptions,
+    Task,
+    backoff,
+    retries_exhausted,
+)
 
 __all__ = ["Decision", "decide", "delivery_headers", "effective_retry_options"]
 
-_NAMES = ("QueueName", "TaskName", "TaskRetryCount", "TaskExecutionCount", "TaskETA",
-          "TaskPreviousResponse", "TaskRetryReason")
+_NAMES = (
+    "QueueName",
+    "TaskName",
+    "TaskRetryCount",
+    "TaskExecutionCount",
+    "TaskETA",
+    "TaskPreviousResponse",
+    "TaskRetryReason",
+)
 
 
 def delivery_headers(task: Task, queue_name: str | None = None) -> dict[str, str]:

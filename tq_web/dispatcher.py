@@ -106,7 +106,9 @@ class Dispatcher:
         self.allow_unauthenticated = bool(allow_unauthenticated)
         self.queue_configs = _queue_configs(queues)
         self._backend_arg = backend
-        self._backend: Backend | None = backend if not isinstance(backend, str | None) else None
+        self._backend: Backend | None = (
+            backend if not isinstance(backend, str | None) else None
+        )
         self._lock = threading.RLock()
         self._handlers: dict[str, Registration] = {}
         self._extra_auth = list(authenticators)
@@ -158,7 +160,7 @@ class Dispatcher:
 
     @property
     def signer(self) -> Signer | None:
-        """The push signer: explicit key, ``$TQ_WEB_SECRET_KEY``, or a SQLite-stored key."""
+        """The push signer: explicit key, ``$TQ_WEB_SECRET_KEY``, or a stored key."""
         if not self._signer_resolved:
             with self._lock:
                 if not self._signer_resolved:
@@ -227,8 +229,12 @@ class Dispatcher:
             TypeError: ``handler`` is not callable.
         """
         cls = prototype if isinstance(prototype, type) else type(prototype)
-        if not (isinstance(cls, type) and issubclass(cls, Message) and cls is not Message
-                and getattr(cls, "DESCRIPTOR", None) is not None):
+        if not (
+            isinstance(cls, type)
+            and issubclass(cls, Message)
+            and cls is not Message
+            and getattr(cls, "DESCRIPTOR", None) is not None
+        ):
             raise NotAProtoMessage(f"{prototype!r} is not a protobuf message class")
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
@@ -241,7 +247,9 @@ class Dispatcher:
         )
         with self._lock:
             if type_name in self._handlers:
-                raise DuplicateTaskType(f"handler for {type_name!r} has already been registered")
+                raise DuplicateTaskType(
+                    f"handler for {type_name!r} has already been registered"
+                )
             self._handlers[type_name] = Registration(
                 type_name, cls, handler, queue_name, retry_options, is_async
             )
@@ -259,7 +267,9 @@ class Dispatcher:
         if not isinstance(task, Task):
             raise InvalidTask(f"expected a tq_web.Task, got {type(task).__name__}")
         if not isinstance(task.payload, Message):
-            raise UnregisteredTaskType(f"task payload must be a protobuf message, got {task.payload!r}")
+            raise UnregisteredTaskType(
+                f"task payload must be a protobuf message, got {task.payload!r}"
+            )
         type_name = full_name(task.payload)
         reg = self._handlers.get(type_name)
         if reg is None:
@@ -292,8 +302,14 @@ class Dispatcher:
         else:
             opts_or_none = opts
         return reg.queue, tq.Task(
-            path=path, payload=body, headers=headers, method="POST", name=name,
-            delay=task.delay, eta=task.eta, retry_options=opts_or_none,
+            path=path,
+            payload=body,
+            headers=headers,
+            method="POST",
+            name=name,
+            delay=task.delay,
+            eta=task.eta,
+            retry_options=opts_or_none,
         )
 
     def _build_all(self, tasks: Sequence[Task]) -> dict[str, list[tq.Task]]:
@@ -331,8 +347,11 @@ class Dispatcher:
                 except tq.TaskAlreadyAdded:
                     pass
                 except tq.MultiError as err:
-                    real = [e for e in err.errors
-                            if e is not None and not isinstance(e, tq.TaskAlreadyAdded)]
+                    real = [
+                        e
+                        for e in err.errors
+                        if e is not None and not isinstance(e, tq.TaskAlreadyAdded)
+                    ]
                     if real:
                         errors.append(err)
                 except Exception as err:
@@ -360,7 +379,9 @@ class Dispatcher:
         per_queue: dict[str, list[tq.Task]] = defaultdict(list)
         for t in tasks:
             if not isinstance(t, Task) or not isinstance(t.payload, Message):
-                raise InvalidTask(f"expected a tq_web.Task with a protobuf payload, got {t!r}")
+                raise InvalidTask(
+                    f"expected a tq_web.Task with a protobuf payload, got {t!r}"
+                )
             reg = self._handlers.get(full_name(t.payload))
             if reg is None:
                 raise UnregisteredTaskType(
@@ -379,8 +400,11 @@ class Dispatcher:
                 try:
                     backend.delete_multi(batch, queue)
                 except tq.MultiError as err:
-                    real = [e for e in err.errors
-                            if e is not None and not isinstance(e, tq.TaskNotFound)]
+                    real = [
+                        e
+                        for e in err.errors
+                        if e is not None and not isinstance(e, tq.TaskNotFound)
+                    ]
                     if real:
                         errors.append(err)
                 except tq.TaskNotFound:

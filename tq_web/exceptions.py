@@ -19,7 +19,7 @@ class TqWebError(Exception):
 
 
 class _Tag(TqWebError):
-    """Base for the two tag classes: an instance is tagged, and so is any tagged error."""
+    """Base for the tag classes: instances and tagged errors both count."""
 
     _tag_name = ""
 
@@ -30,7 +30,7 @@ class _Tag(TqWebError):
         Use it as ``raise Transient.tag(err)``. A tag anywhere in the
         ``__cause__``/``__context__`` chain of the raised exception counts.
         """
-        tags = getattr(exc, _TAG_ATTR, frozenset())
+        tags: frozenset[str] = getattr(exc, _TAG_ATTR, frozenset())
         try:
             setattr(exc, _TAG_ATTR, frozenset(tags) | {cls._tag_name})
         except (AttributeError, TypeError) as err:  # pragma: no cover - exotic types
@@ -39,7 +39,7 @@ class _Tag(TqWebError):
 
     @classmethod
     def is_tagged(cls, exc: BaseException) -> bool:
-        """Whether ``exc`` or any exception in its cause/context chain carries this tag."""
+        """Whether ``exc`` or any error in its cause/context chain has this tag."""
         seen: set[int] = set()
         stack: list[BaseException] = [exc]
         while stack:

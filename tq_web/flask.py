@@ -26,7 +26,9 @@ ENDPOINT = "tq_web_push"
 
 def _view(dispatcher: Dispatcher) -> Any:
     def tq_web_push(subpath: str = "") -> flask.Response:
-        req = push_request_from_environ(flask.request.environ, dispatcher.core.max_body_size)
+        req = push_request_from_environ(
+            flask.request.environ, dispatcher.core.max_body_size
+        )
         result = req if isinstance(req, PushResult) else dispatcher.core.call_sync(req)
         return flask.Response(result.body, status=result.status, headers=result.headers)
 
@@ -54,14 +56,16 @@ def install(dispatcher: Dispatcher, app: flask.Flask | flask.Blueprint) -> None:
                 f"base_url is {base!r}: base_url must be the absolute path, e.g. "
                 f"{prefix + '/internal/tasks/'!r}"
             )
-        rule = base[len(prefix):]
+        rule = base[len(prefix) :]
         state.add_url_rule(rule + "<path:subpath>", ENDPOINT, view, methods=["POST"])
         state.app.extensions["tq_web"] = dispatcher
 
     app.record(register)
 
 
-def start_runner_thread(dispatcher: Dispatcher, target: str, **options: Any) -> RunnerThread:
+def start_runner_thread(
+    dispatcher: Dispatcher, target: str, **options: Any
+) -> RunnerThread:
     """Start the push runner in a daemon thread (development servers).
 
     Returns the thread; call ``.stop()`` for a graceful stop (in-flight pushes
@@ -69,6 +73,8 @@ def start_runner_thread(dispatcher: Dispatcher, target: str, **options: Any) -> 
     """
     from .runner import RunnerThread
 
-    thread = RunnerThread(dispatcher.backend, target, queues=dispatcher.queue_configs, **options)
+    thread = RunnerThread(
+        dispatcher.backend, target, queues=dispatcher.queue_configs, **options
+    )
     thread.start()
     return thread

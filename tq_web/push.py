@@ -67,9 +67,13 @@ def result_for(
     if error is None:
         return PushResult(200, "ok", "OK\n", None, type_name)
     if Retry.is_tagged(error):
-        return PushResult(409, "retry", f"The handler asked for retry: {error}\n", error, type_name)
+        return PushResult(
+            409, "retry", f"The handler asked for retry: {error}\n", error, type_name
+        )
     if Transient.is_tagged(error):
-        return PushResult(500, "transient", f"Transient error: {error}\n", error, type_name)
+        return PushResult(
+            500, "transient", f"Transient error: {error}\n", error, type_name
+        )
     if retry_untagged:
         return PushResult(500, "transient", f"Error: {error}\n", error, type_name)
     return PushResult(202, "dropped", f"Fatal error: {error}\n", error, type_name)
@@ -159,18 +163,31 @@ class PushCore:
             return bad_payload(f"no handler for type {type_name!r}")
         headers = parse_request_headers(request.headers)
         if self.log_task_bodies:
-            log.debug("tq_web: task %s (exec count %d): %r", type_name,
-                      headers.task_execution_count, request.body)
+            log.debug(
+                "tq_web: task %s (exec count %d): %r",
+                type_name,
+                headers.task_execution_count,
+                request.body,
+            )
         return reg, message, headers
 
     def finish(self, reg: Registration, error: BaseException | None) -> PushResult:
         """The result for a handler outcome, logged."""
-        result = result_for(error, retry_untagged=self.retry_untagged, type_name=reg.type_name)
+        result = result_for(
+            error, retry_untagged=self.retry_untagged, type_name=reg.type_name
+        )
         if result.outcome == "dropped":
-            log.error("tq_web: task %s failed for good (not retried)", reg.type_name,
-                      exc_info=error)
+            log.error(
+                "tq_web: task %s failed for good (not retried)",
+                reg.type_name,
+                exc_info=error,
+            )
         elif result.outcome != "ok":
-            log.warning("tq_web: task %s will be retried: %s", reg.type_name, result.text.strip())
+            log.warning(
+                "tq_web: task %s will be retried: %s",
+                reg.type_name,
+                result.text.strip(),
+            )
         return result
 
     def call_sync(self, request: PushRequest, *, trusted: bool = False) -> PushResult:
@@ -189,7 +206,9 @@ class PushCore:
                 error = err
         return self.finish(reg, error)
 
-    async def call_async(self, request: PushRequest, *, trusted: bool = False) -> PushResult:
+    async def call_async(
+        self, request: PushRequest, *, trusted: bool = False
+    ) -> PushResult:
         """Handle a push from async code (ASGI); sync handlers run in a thread."""
         prepared = self.prepare(request, trusted=trusted)
         if isinstance(prepared, PushResult):
@@ -207,7 +226,9 @@ class PushCore:
         return self.finish(reg, error)
 
 
-def _call_in_context(handler: Handler, message: Message, headers: RequestHeaders) -> None:
+def _call_in_context(
+    handler: Handler, message: Message, headers: RequestHeaders
+) -> None:
     with headers_context(headers):
         out = handler(message)
         if inspect.isawaitable(out):

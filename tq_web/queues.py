@@ -82,23 +82,38 @@ def _age(queue: str, value: object) -> float:
 
 def _number(queue: str, key: str, value: object, kind: type = float) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"queue {queue}: {key} must be a number, got {value!r}")
+        raise ConfigurationError(
+            f"queue {queue}: {key} must be a number, got {value!r}"
+        )
     if kind is int and value != int(value):
-        raise ConfigurationError(f"queue {queue}: {key} must be an integer, got {value!r}")
+        raise ConfigurationError(
+            f"queue {queue}: {key} must be an integer, got {value!r}"
+        )
     return kind(value)
 
 
 _QUEUE_KEYS = {
-    "name", "rate", "bucket_size", "max_concurrent_requests", "retry_parameters",
-    "mode", "target", "acl",
+    "name",
+    "rate",
+    "bucket_size",
+    "max_concurrent_requests",
+    "retry_parameters",
+    "mode",
+    "target",
+    "acl",
 }
 _RETRY_KEYS = {
-    "task_retry_limit", "task_age_limit", "min_backoff_seconds",
-    "max_backoff_seconds", "max_doublings",
+    "task_retry_limit",
+    "task_age_limit",
+    "min_backoff_seconds",
+    "max_backoff_seconds",
+    "max_doublings",
 }
 
 
-def parse_queue_yaml(data: object, source: str = "queue.yaml") -> dict[str, QueueConfig]:
+def parse_queue_yaml(
+    data: object, source: str = "queue.yaml"
+) -> dict[str, QueueConfig]:
     """Turn parsed queue.yaml data into queue configurations.
 
     Raises:
@@ -122,7 +137,9 @@ def parse_queue_yaml(data: object, source: str = "queue.yaml") -> dict[str, Queu
         mode = str(entry.get("mode", "push"))
         retry = entry.get("retry_parameters") or {}
         if not isinstance(retry, Mapping):
-            raise ConfigurationError(f"{source}: queue {name}: retry_parameters must be a mapping")
+            raise ConfigurationError(
+                f"{source}: queue {name}: retry_parameters must be a mapping"
+            )
         bad = set(retry) - _RETRY_KEYS
         if bad:
             raise ConfigurationError(
@@ -133,20 +150,26 @@ def parse_queue_yaml(data: object, source: str = "queue.yaml") -> dict[str, Queu
             opts = RetryOptions(
                 retry_limit=(
                     _number(name, "task_retry_limit", retry["task_retry_limit"], int)
-                    if "task_retry_limit" in retry else None
+                    if "task_retry_limit" in retry
+                    else None
                 ),
-                age_limit=_age(name, retry["task_age_limit"]) if "task_age_limit" in retry else None,
+                age_limit=_age(name, retry["task_age_limit"])
+                if "task_age_limit" in retry
+                else None,
                 min_backoff=(
                     _number(name, "min_backoff_seconds", retry["min_backoff_seconds"])
-                    if "min_backoff_seconds" in retry else None
+                    if "min_backoff_seconds" in retry
+                    else None
                 ),
                 max_backoff=(
                     _number(name, "max_backoff_seconds", retry["max_backoff_seconds"])
-                    if "max_backoff_seconds" in retry else None
+                    if "max_backoff_seconds" in retry
+                    else None
                 ),
                 max_doublings=(
                     _number(name, "max_doublings", retry["max_doublings"], int)
-                    if "max_doublings" in retry else None
+                    if "max_doublings" in retry
+                    else None
                 ),
             )
             cfg = QueueConfig(
@@ -154,11 +177,18 @@ def parse_queue_yaml(data: object, source: str = "queue.yaml") -> dict[str, Queu
                 rate=_rate(name, entry["rate"]) if "rate" in entry else DEFAULT_RATE,
                 bucket_size=(
                     _number(name, "bucket_size", entry["bucket_size"], int)
-                    if "bucket_size" in entry else DEFAULT_BUCKET_SIZE
+                    if "bucket_size" in entry
+                    else DEFAULT_BUCKET_SIZE
                 ),
                 max_concurrent_requests=(
-                    _number(name, "max_concurrent_requests", entry["max_concurrent_requests"], int)
-                    if "max_concurrent_requests" in entry else DEFAULT_MAX_CONCURRENT
+                    _number(
+                        name,
+                        "max_concurrent_requests",
+                        entry["max_concurrent_requests"],
+                        int,
+                    )
+                    if "max_concurrent_requests" in entry
+                    else DEFAULT_MAX_CONCURRENT
                 ),
                 retry_options=opts if retry else None,
                 mode=mode,
@@ -188,7 +218,11 @@ def load_queue_yaml(path: str | os.PathLike[str]) -> dict[str, QueueConfig]:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
     except OSError as err:
-        raise ConfigurationError(f"cannot read {os.fspath(path)}: {err.strerror}") from None
+        raise ConfigurationError(
+            f"cannot read {os.fspath(path)}: {err.strerror}"
+        ) from None
     except yaml.YAMLError as err:
-        raise ConfigurationError(f"{os.fspath(path)} is not valid YAML: {err}") from None
+        raise ConfigurationError(
+            f"{os.fspath(path)} is not valid YAML: {err}"
+        ) from None
     return parse_queue_yaml(data, os.fspath(path))

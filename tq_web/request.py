@@ -26,7 +26,11 @@ class PushRequest:
 
     @classmethod
     def from_pairs(
-        cls, path: str, body: bytes, pairs: Iterable[tuple[str, str]], method: str = "POST"
+        cls,
+        path: str,
+        body: bytes,
+        pairs: Iterable[tuple[str, str]],
+        method: str = "POST",
     ) -> PushRequest:
         """Build a request from ``(name, value)`` pairs in any case."""
         return cls(path, body, {k.lower(): v for k, v in pairs}, method)

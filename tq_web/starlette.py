@@ -84,8 +84,12 @@ def runner_lifespan(
     async def lifespan(app: Any) -> AsyncIterator[Any]:
         from .runner import Runner
 
-        runner = Runner(dispatcher.backend, target, queues=dispatcher.queue_configs,
-                        **runner_options)
+        runner = Runner(
+            dispatcher.backend,
+            target,
+            queues=dispatcher.queue_configs,
+            **runner_options,
+        )
         await runner.start()
         try:
             if inner is not None:

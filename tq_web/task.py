@@ -37,8 +37,15 @@ class Task:
         ValueError: both ``delay`` and ``eta``, a naive ``eta``, a negative delay.
     """
 
-    __slots__ = ("deduplication_key", "delay", "eta", "name_prefix", "payload",
-                 "retry_options", "title")
+    __slots__ = (
+        "deduplication_key",
+        "delay",
+        "eta",
+        "name_prefix",
+        "payload",
+        "retry_options",
+        "title",
+    )
 
     def __init__(
         self,
@@ -74,14 +81,18 @@ class Task:
             if not isinstance(self.payload, Message):
                 raise InvalidTask("task must have a protobuf payload")
             h = hashlib.sha256(
-                (full_name(self.payload) + "\x00" + self.deduplication_key).encode("utf-8")
+                (full_name(self.payload) + "\x00" + self.deduplication_key).encode(
+                    "utf-8"
+                )
             )
             parts.append(h.hexdigest())
         return "-".join(parts)
 
     def check_title(self) -> None:
         """Raise InvalidTask unless the title is empty or well formed."""
-        if self.title and not (isinstance(self.title, str) and TITLE_RE.match(self.title)):
+        if self.title and not (
+            isinstance(self.title, str) and TITLE_RE.match(self.title)
+        ):
             raise InvalidTask(
                 f"invalid task title {self.title!r}: use 1-100 characters of "
                 "[A-Za-z0-9_.~-]"

@@ -133,11 +133,16 @@ class RetryOptions:
         max_doublings: int | None = None,
         apply_zero_max_doublings: bool = False,
     ) -> None:
-        for fname, ival in (("retry_limit", retry_limit), ("max_doublings", max_doublings)):
+        for fname, ival in (
+            ("retry_limit", retry_limit),
+            ("max_doublings", max_doublings),
+        ):
             if ival is not None and (
                 isinstance(ival, bool) or not isinstance(ival, int) or ival < 0
             ):
-                raise ValueError(f"{fname} must be a non-negative int or None, got {ival!r}")
+                raise ValueError(
+                    f"{fname} must be a non-negative int or None, got {ival!r}"
+                )
         set_ = object.__setattr__
         set_(self, "retry_limit", retry_limit)
         set_(self, "age_limit", to_timedelta(age_limit, "age_limit"))
@@ -157,12 +162,22 @@ class RetryOptions:
         if fallback is None:
             return self
         return RetryOptions(
-            retry_limit=self.retry_limit if self.retry_limit is not None else fallback.retry_limit,
-            age_limit=self.age_limit if self.age_limit is not None else fallback.age_limit,
-            min_backoff=self.min_backoff if self.min_backoff is not None else fallback.min_backoff,
-            max_backoff=self.max_backoff if self.max_backoff is not None else fallback.max_backoff,
+            retry_limit=self.retry_limit
+            if self.retry_limit is not None
+            else fallback.retry_limit,
+            age_limit=self.age_limit
+            if self.age_limit is not None
+            else fallback.age_limit,
+            min_backoff=self.min_backoff
+            if self.min_backoff is not None
+            else fallback.min_backoff,
+            max_backoff=self.max_backoff
+            if self.max_backoff is not None
+            else fallback.max_backoff,
             max_doublings=(
-                self.max_doublings if self.max_doublings is not None else fallback.max_doublings
+                self.max_doublings
+                if self.max_doublings is not None
+                else fallback.max_doublings
             ),
             apply_zero_max_doublings=self.apply_zero_max_doublings
             or fallback.apply_zero_max_doublings,
@@ -170,6 +185,7 @@ class RetryOptions:
 
     def to_dict(self) -> dict[str, float | int | None]:
         """A JSON-able form (durations in seconds), for storage."""
+
         def secs(td: timedelta | None) -> float | None:
             return None if td is None else td.total_seconds()
 
@@ -205,7 +221,11 @@ class RetryOptions:
 
 
 DEFAULT_RETRY_OPTIONS = RetryOptions(
-    retry_limit=None, age_limit=None, min_backoff=0.1, max_backoff=3600, max_doublings=16
+    retry_limit=None,
+    age_limit=None,
+    min_backoff=0.1,
+    max_backoff=3600,
+    max_doublings=16,
 )
 
 
@@ -222,7 +242,9 @@ def backoff(options: RetryOptions | None, retry_count: int) -> timedelta:
     n = max(1, retry_count)
     exponent = min(n - 1, doublings)
     linear = n - exponent
-    seconds = opts.min_backoff.total_seconds() * (2**exponent) * (linear if linear > 1 else 1)
+    seconds = (
+        opts.min_backoff.total_seconds() * (2**exponent) * (linear if linear > 1 else 1)
+    )
     return min(opts.max_backoff, timedelta(seconds=min(seconds, 10**9)))
 
 
@@ -344,7 +366,9 @@ def validate_for_add(task: Task) -> None:
         InvalidTask: bad name or method, both delay and ETA, bad types.
     """
     if not isinstance(task, Task):
-        raise InvalidTask(f"expected a tq_web.taskqueue.Task, got {type(task).__name__}")
+        raise InvalidTask(
+            f"expected a tq_web.taskqueue.Task, got {type(task).__name__}"
+        )
     if task.name and not NAME_RE.match(task.name):
         raise InvalidTask(
             f"invalid task name {task.name!r}: use 1-500 characters of [A-Za-z0-9_-]"
@@ -359,7 +383,9 @@ def validate_for_add(task: Task) -> None:
         require_aware(task.eta, "eta")
 
 
-def new_post_task(path: str, params: Mapping[str, object] | Sequence[tuple[str, object]]) -> Task:
+def new_post_task(
+    path: str, params: Mapping[str, object] | Sequence[tuple[str, object]]
+) -> Task:
     """A POST task whose body is ``params`` form-encoded (seed ``NewPOSTTask``)."""
     return Task(
         path=path,

@@ -35,7 +35,7 @@ from .request import PushRequest, PushResult
 if TYPE_CHECKING:
     from .dispatcher import Dispatcher
 
-__all__ = ["Scheduler", "SchedulerError", "ScheduledTask"]
+__all__ = ["ScheduledTask", "Scheduler", "SchedulerError"]
 
 log = logging.getLogger("tq_web")
 
@@ -151,7 +151,11 @@ class Scheduler:
 
     def tasks(self) -> list[ScheduledTask]:
         """Scheduled push tasks, sorted by ETA then name."""
-        raw = [t for t in self.backend.list_tasks(None, "pending", 1 << 30) if not t.is_pull]
+        raw = [
+            t
+            for t in self.backend.list_tasks(None, "pending", 1 << 30)
+            if not t.is_pull
+        ]
         raw.sort(key=lambda t: (t.scheduled_eta or t.eta, t.name))
         return [self._item(t) for t in raw]
 
@@ -187,7 +191,9 @@ class Scheduler:
             SchedulerError: a task has no handler and no ``unknown_task_handler``.
         """
         if not self._entered:
-            raise SchedulerError("use the Scheduler as a context manager: with Scheduler(d) as s")
+            raise SchedulerError(
+                "use the Scheduler as a context manager: with Scheduler(d) as s"
+            )
         if until is not None and until.tzinfo is None:
             raise ValueError("until must be timezone-aware")
         executed: list[ScheduledTask] = []
@@ -213,7 +219,9 @@ class Scheduler:
             item = self._item(task)
             if item.payload is None:
                 if self.unknown_task_handler is None:
-                    self.backend.retry_later(task, task.queue_name, due, 0, "", executed=False)
+                    self.backend.retry_later(
+                        task, task.queue_name, due, 0, "", executed=False
+                    )
                     raise SchedulerError(
                         f"unrecognized TQ task for handler at {task.path}", item
                     )
@@ -225,8 +233,12 @@ class Scheduler:
                 self._attempt(item, max_attempts)
                 executed.append(item)
                 result = item.result
-                if (raise_on_error and result is not None and result.outcome == "dropped"
-                        and result.error is not None):
+                if (
+                    raise_on_error
+                    and result is not None
+                    and result.outcome == "dropped"
+                    and result.error is not None
+                ):
                     err = result.error
                     err.tq_web_item = item  # type: ignore[attr-defined]
                     raise err
@@ -242,16 +254,22 @@ class Scheduler:
         )
         result = self.dispatcher.core.call_sync(request, trusted=True)
         item.status, item.result = result.status, result
-        options = effective_retry_options(task, self.dispatcher.queue_configs.get(task.queue_name))
+        options = effective_retry_options(
+            task, self.dispatcher.queue_configs.get(task.queue_name)
+        )
         decision = decide(task, result.status, result.outcome, self._now, options)
         if decision.action == "retry" and task.retry_count >= max_attempts > 0:
-            log.warning("tq_web.testing: task %s gave up after %d attempts",
-                        task.name, task.retry_count)
+            log.warning(
+                "tq_web.testing: task %s gave up after %d attempts",
+                task.name,
+                task.retry_count,
+            )
             self.backend.fail(task, task.queue_name, result.status, result.text)
         elif decision.action == "retry":
             assert decision.eta is not None
-            self.backend.retry_later(task, task.queue_name, decision.eta, result.status,
-                                     decision.reason)
+            self.backend.retry_later(
+                task, task.queue_name, decision.eta, result.status, decision.reason
+            )
         elif decision.action == "fail":
             self.backend.fail(task, task.queue_name, result.status, result.text)
         else:

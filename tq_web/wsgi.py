@@ -14,16 +14,23 @@ if TYPE_CHECKING:
 __all__ = ["PushWSGIApp", "push_request_from_environ"]
 
 StartResponse = Callable[..., Any]
-_STATUS = {200: "200 OK", 202: "202 Accepted", 403: "403 Forbidden", 404: "404 Not Found",
-           405: "405 Method Not Allowed", 409: "409 Conflict",
-           413: "413 Content Too Large", 500: "500 Internal Server Error"}
+_STATUS = {
+    200: "200 OK",
+    202: "202 Accepted",
+    403: "403 Forbidden",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    409: "409 Conflict",
+    413: "413 Content Too Large",
+    500: "500 Internal Server Error",
+}
 
 
 def environ_path(environ: dict[str, Any]) -> str:
     """The full request path (``SCRIPT_NAME`` + ``PATH_INFO``), as sent."""
-    raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    raw = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
     try:
-        return raw.encode("latin-1").decode("utf-8")
+        return str(raw.encode("latin-1").decode("utf-8"))
     except UnicodeError:
         return str(raw)
 
@@ -50,8 +57,11 @@ def push_request_from_environ(
         body = b""
     if len(body) > limit:
         return rejected(413, "Request body too large")
-    headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
-               if k.startswith("HTTP_")}
+    headers = {
+        k[5:].replace("_", "-").lower(): v
+        for k, v in environ.items()
+        if k.startswith("HTTP_")
+    }
     if "CONTENT_TYPE" in environ:
         headers["content-type"] = environ["CONTENT_TYPE"]
     return PushRequest(environ_path(environ), body, headers, method)
@@ -63,12 +73,18 @@ class PushWSGIApp:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    def __call__(
+        self, environ: dict[str, Any], start_response: StartResponse
+    ) -> Iterable[bytes]:
         if not environ_path(environ).startswith(self.dispatcher.base_url):
             result = PushResult(404, "rejected", "Not Found\n")
         else:
             req = push_request_from_environ(environ, self.dispatcher.core.max_body_size)
-            result = req if isinstance(req, PushResult) else self.dispatcher.core.call_sync(req)
+            result = (
+                req
+                if isinstance(req, PushResult)
+                else self.dispatcher.core.call_sync(req)
+            )
         body = result.body
         headers = [*result.headers, ("content-length", str(len(body)))]
         start_response(_STATUS.get(result.status, f"{result.status} Status"), headers)

@@ -26,7 +26,9 @@ def _memory(tmp_path: Path, **opts: Any) -> Backend:
 
 
 def _sqlite(tmp_path: Path, **opts: Any) -> Backend:
-    return tq_web.connect(f"sqlite:///{tmp_path}/contract-{uuid.uuid4().hex[:8]}.db", **opts)
+    return tq_web.connect(
+        f"sqlite:///{tmp_path}/contract-{uuid.uuid4().hex[:8]}.db", **opts
+    )
 
 
 def postgres_url() -> str:

@@ -27,7 +27,11 @@ def test_add_fills_name_and_eta_without_mutating(backend):
     assert out is not t
     assert out.name and tq.NAME_RE.match(out.name)
     assert t.name == "" and t.eta is None and t.delay == timedelta(seconds=30)
-    assert before + timedelta(seconds=29) < out.eta < datetime.now(UTC) + timedelta(seconds=31)
+    assert (
+        before + timedelta(seconds=29)
+        < out.eta
+        < datetime.now(UTC) + timedelta(seconds=31)
+    )
     assert out.path == "/w" and out.payload == b"x" and out.method == "POST"
     assert backend.queue_stats(["default"])[0].tasks == 1
 
@@ -105,7 +109,12 @@ def test_add_multi_is_not_atomic(backend):
     assert isinstance(errs[1], tq.TaskAlreadyAdded)
     assert isinstance(errs[3], ValueError)
     assert backend.queue_stats(["default"])[0].tasks == 3
-    assert [r.name if r else None for r in info.value.results] == ["a1", None, "a2", None]
+    assert [r.name if r else None for r in info.value.results] == [
+        "a1",
+        None,
+        "a2",
+        None,
+    ]
 
 
 def test_add_multi_returns_filled_tasks(backend):
@@ -273,7 +282,7 @@ def test_retry_later_and_headers_state(backend):
 
 def test_expired_push_lease_comes_back(backend):
     backend.add(push("crash"))
-    [t] = backend.lease_push(1, 0.2)
+    [_t] = backend.lease_push(1, 0.2)
     assert backend.lease_push(1, 30) == []
     time.sleep(0.35)
     [again] = backend.lease_push(1, 30)
@@ -338,8 +347,14 @@ def test_concurrent_leasers_never_share(backend):
 
 def test_headers_and_retry_options_roundtrip(backend):
     opts = tq.RetryOptions(retry_limit=3, min_backoff=0.5, max_doublings=2)
-    backend.add(push("h", headers={"Content-Type": "application/json", "X-A": "1"},
-                     retry_options=opts), "hq")
+    backend.add(
+        push(
+            "h",
+            headers={"Content-Type": "application/json", "X-A": "1"},
+            retry_options=opts,
+        ),
+        "hq",
+    )
     [t] = backend.lease_push(1, 30, ["hq"])
     assert t.headers == {"Content-Type": "application/json", "X-A": "1"}
     assert t.retry_options == opts

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.empty_pb2 import Empty
-from tests.conftest import http_post, serve_asgi, serve_wsgi
 
 import tq_web
+from tests.conftest import http_post, serve_asgi, serve_wsgi
 from tq_web import taskqueue as tq
 
 TARGETS = ["starlette", "fastapi", "flask", "asgi", "wsgi"]
@@ -102,16 +102,28 @@ def test_single_task_add_execute(make):
 
     h.d.register_task(Duration, handler, "")
     before = datetime.now(UTC)
-    task = tq_web.Task(Duration(seconds=123), deduplication_key="abc",
-                       name_prefix="prefix", title="abc-def", delay=timedelta(seconds=30))
+    task = tq_web.Task(
+        Duration(seconds=123),
+        deduplication_key="abc",
+        name_prefix="prefix",
+        title="abc-def",
+        delay=timedelta(seconds=30),
+    )
     h.d.add_task(task)
     [t] = h.scheduled()
     assert t.path == "/internal/tasks/google.protobuf.Duration/abc-def"
-    assert t.name == "prefix-afc6f8271b8598ee04e359916e6c584a9bc3c520a11dd5244e3399346ac0d3a7"
+    assert (
+        t.name
+        == "prefix-afc6f8271b8598ee04e359916e6c584a9bc3c520a11dd5244e3399346ac0d3a7"
+    )
     assert t.payload == b'{"type":"google.protobuf.Duration","body":"123s"}'
     assert t.method == "POST"
     assert t.headers["Content-Type"] == "application/json"
-    assert before + timedelta(seconds=30) <= t.eta <= datetime.now(UTC) + timedelta(seconds=30)
+    assert (
+        before + timedelta(seconds=30)
+        <= t.eta
+        <= datetime.now(UTC) + timedelta(seconds=30)
+    )
     assert h.scheduled("another-q") == []
     h.d.add_task(task)  # re-add: silent, still one task
     assert len(h.scheduled()) == 1
@@ -126,7 +138,9 @@ def test_single_task_deleted(make):
     h = make()
     calls: list[Any] = []
     h.d.register_task(Duration, calls.append)
-    task = tq_web.Task(Duration(seconds=123), deduplication_key="abc", name_prefix="prefix")
+    task = tq_web.Task(
+        Duration(seconds=123), deduplication_key="abc", name_prefix="prefix"
+    )
     h.d.add_task(task)
     h.d.delete_task(task)
     assert h.run_tasks() == []
@@ -139,7 +153,9 @@ def test_single_task_deleted(make):
 def test_deleting_unknown_task_returns_none(make):
     h = make()
     h.d.register_task(Duration, lambda p: None)
-    assert h.d.delete_task(tq_web.Task(Duration(), deduplication_key="something")) is None
+    assert (
+        h.d.delete_task(tq_web.Task(Duration(), deduplication_key="something")) is None
+    )
     assert h.d.delete_task(tq_web.Task(Duration())) is None  # unnamed: no effect
 
 
@@ -184,14 +200,39 @@ class Boom(Exception):
     [
         (None, 200, "ok", "OK\n"),
         (lambda: Boom("fatal err"), 202, "dropped", "Fatal error: fatal err\n"),
-        (lambda: tq_web.Transient.tag(Boom("transient err")), 500, "transient",
-         "Transient error: transient err\n"),
-        (lambda: tq_web.Retry.tag(tq_web.Transient.tag(Boom("retry me"))), 409, "retry",
-         "The handler asked for retry: retry me\n"),
-        (lambda: tq_web.Retry("later"), 409, "retry", "The handler asked for retry: later\n"),
-        (lambda: tq_web.Transient("flaky"), 500, "transient", "Transient error: flaky\n"),
+        (
+            lambda: tq_web.Transient.tag(Boom("transient err")),
+            500,
+            "transient",
+            "Transient error: transient err\n",
+        ),
+        (
+            lambda: tq_web.Retry.tag(tq_web.Transient.tag(Boom("retry me"))),
+            409,
+            "retry",
+            "The handler asked for retry: retry me\n",
+        ),
+        (
+            lambda: tq_web.Retry("later"),
+            409,
+            "retry",
+            "The handler asked for retry: later\n",
+        ),
+        (
+            lambda: tq_web.Transient("flaky"),
+            500,
+            "transient",
+            "Transient error: flaky\n",
+        ),
     ],
-    ids=["ok", "fatal", "transient", "retry-and-transient", "retry-class", "transient-class"],
+    ids=[
+        "ok",
+        "fatal",
+        "transient",
+        "retry-and-transient",
+        "retry-class",
+        "transient-class",
+    ],
 )
 def test_execution_errors(make, raise_, status, outcome, text):
     h = make()
@@ -261,8 +302,8 @@ def test_bad_payloads_are_dropped(make, body):
 
 def test_unknown_json_fields_are_ignored(make):
     h = make(allow_unauthenticated=True)
-    from google.protobuf.wrappers_pb2 import StringValue
     from google.protobuf.struct_pb2 import Struct
+    from google.protobuf.wrappers_pb2 import StringValue
 
     seen: list[Any] = []
     h.d.register_task(Struct, seen.append)
@@ -278,7 +319,10 @@ def test_go_producer_path_is_served(make):
     seen: list[Any] = []
     h.d.register_task(Duration, seen.append)
     body = b'{"type":"google.protobuf.Duration","body":"123s"}'
-    assert http_post(h.url + "/internal/tasks/default/google.protobuf.Duration", body)[0] == 200
+    assert (
+        http_post(h.url + "/internal/tasks/default/google.protobuf.Duration", body)[0]
+        == 200
+    )
     assert seen == [Duration(seconds=123)]
 
 
@@ -336,9 +380,14 @@ HEADERS = {
     "X-AppEngine-FailFast": "true",
 }
 EXPECTED = tq_web.RequestHeaders(
-    queue_name="q1", task_name="task-7", task_retry_count=3, task_execution_count=2,
-    task_eta=datetime.fromtimestamp(1700000000.25, UTC), task_previous_response=500,
-    task_retry_reason="task handler failed", fail_fast=True,
+    queue_name="q1",
+    task_name="task-7",
+    task_retry_count=3,
+    task_execution_count=2,
+    task_eta=datetime.fromtimestamp(1700000000.25, UTC),
+    task_previous_response=500,
+    task_retry_reason="task handler failed",
+    fail_fast=True,
 )
 
 
@@ -347,12 +396,15 @@ def test_request_headers_in_handlers(make, kind):
     h = make()
     got: list[tuple[tq_web.RequestHeaders, str]] = []
     if kind == "sync":
+
         def handler(p: Duration) -> None:
             got.append((tq_web.request_headers(), threading.current_thread().name))
     else:
+
         async def handler(p: Duration) -> None:  # type: ignore[misc]
             await asyncio.sleep(0)
             got.append((tq_web.request_headers(), threading.current_thread().name))
+
     h.d.register_task(Duration, handler)
     h.d.add_task(tq_web.Task(Duration(seconds=1)))
     [t] = h.scheduled()
@@ -381,7 +433,9 @@ def test_sync_starlette_handler_runs_in_worker_thread():
     body = b'{"type":"google.protobuf.Duration","body":"1s"}'
     with serve_asgi(app) as url:
         loop_thread_names = set()
-        status, _, _ = http_post(url + "/internal/tasks/x", body, {"X-CloudTasks-QueueName": "qq"})
+        status, _, _ = http_post(
+            url + "/internal/tasks/x", body, {"X-CloudTasks-QueueName": "qq"}
+        )
         assert status == 200
         loop_thread_names.add(threads[0])
     assert threads[0] != threading.main_thread().name

@@ -68,7 +68,9 @@ def connect(url: str | None = None, **options: Any) -> Backend:
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresBackend
 
-        return PostgresBackend(url, **options)
-    from .cloudtasks import CloudTasksBackend  # pragma: no cover - see issue notes
-
-    return CloudTasksBackend(url, **options)
+        backend: Backend = PostgresBackend(url, **options)
+        return backend
+    raise InvalidBackendURL(
+        "the cloudtasks:// backend is not available in this version of tq_web; "
+        "use sqlite:// or postgresql:// (see docs/backends.md)"
+    )

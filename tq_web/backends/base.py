@@ -85,7 +85,9 @@ class Backend(Protocol):
         """Delete several tasks. Raises MultiError if any failed."""
         ...
 
-    def lease(self, max_tasks: int, queue_name: str, lease_seconds: Duration) -> list[Task]:
+    def lease(
+        self, max_tasks: int, queue_name: str, lease_seconds: Duration
+    ) -> list[Task]:
         """Lease up to ``max_tasks`` due pull tasks (earliest ETA first)."""
         ...
 
@@ -95,7 +97,9 @@ class Backend(Protocol):
         """Lease due pull tasks with ``tag`` (``""``: the earliest task's tag)."""
         ...
 
-    def modify_lease(self, task: Task, queue_name: str, lease_seconds: Duration) -> None:
+    def modify_lease(
+        self, task: Task, queue_name: str, lease_seconds: Duration
+    ) -> None:
         """Extend or give back (``0``) a lease; moves ``task.eta`` to the new expiry.
 
         Raises:
@@ -196,8 +200,12 @@ class BackendBase:
         queues: dict[str, QueueConfig] | None = None,
     ) -> None:
         self.clock: Clock = clock or utcnow
-        self.tombstone_ttl: timedelta = to_timedelta(tombstone_ttl, "tombstone_ttl") or timedelta()
-        self.failed_ttl: timedelta = to_timedelta(failed_ttl, "failed_ttl") or timedelta()
+        self.tombstone_ttl: timedelta = (
+            to_timedelta(tombstone_ttl, "tombstone_ttl") or timedelta()
+        )
+        self.failed_ttl: timedelta = (
+            to_timedelta(failed_ttl, "failed_ttl") or timedelta()
+        )
         self.queues: dict[str, QueueConfig] = dict(queues or {})
 
     # --- helpers for implementations ---
@@ -213,8 +221,7 @@ class BackendBase:
         """The queue's configuration, or the defaults."""
         return self.queues.get(queue_name) or QueueConfig(name=queue_name)
 
-    @staticmethod
-    def new_name() -> str:
+    def new_name(self) -> str:
         """A unique task name for an unnamed task."""
         return uuid.uuid4().hex
 
@@ -245,9 +252,13 @@ class BackendBase:
             state="pending",
         )
 
-    def pull_retry_limit(self, task_options: RetryOptions | None, queue_name: str) -> int | None:
+    def pull_retry_limit(
+        self, task_options: RetryOptions | None, queue_name: str
+    ) -> int | None:
         """The lease limit of a pull task, or None for no limit."""
-        opts = (task_options or RetryOptions()).merged(self.queue_config(queue_name).retry_options)
+        opts = (task_options or RetryOptions()).merged(
+            self.queue_config(queue_name).retry_options
+        )
         return opts.merged(DEFAULT_RETRY_OPTIONS).retry_limit
 
     def signing_key(self) -> str | None:

@@ -45,6 +45,12 @@ class MemoryBackend(BackendBase):
         self.changed = threading.Condition(self._lock)
         self._q: dict[str, dict[str, _Rec]] = {}
         self._executed: dict[str, deque[datetime]] = {}
+        self._seq = 0
+
+    def new_name(self) -> str:
+        """Names for unnamed tasks increase with each add (a stable order in tests)."""
+        self._seq += 1
+        return f"task-{self._seq:012d}"
 
     # --- internals ---
     def _queue(self, queue_name: str) -> dict[str, _Rec]:
@@ -52,7 +58,9 @@ class MemoryBackend(BackendBase):
 
     def _expire(self, now: datetime) -> None:
         for recs in self._q.values():
-            dead = [n for n, r in recs.items() if r.expires is not None and r.expires <= now]
+            dead = [
+                n for n, r in recs.items() if r.expires is not None and r.expires <= now
+            ]
             for n in dead:
                 del recs[n]
 
@@ -99,7 +107,11 @@ class MemoryBackend(BackendBase):
     def _delete_locked(self, task: Task, queue_name: str, now: datetime) -> None:
         q = self.queue(queue_name)
         rec = self._queue(q).get(task.name) if task.name else None
-        if rec is None or rec.state == "done" or (rec.expires is not None and rec.expires <= now):
+        if (
+            rec is None
+            or rec.state == "done"
+            or (rec.expires is not None and rec.expires <= now)
+        ):
             raise TaskNotFound(task.name, q)
         rec.state, rec.leased, rec.expires = "done", False, now + self.tombstone_ttl
 
@@ -132,9 +144,14 @@ class MemoryBackend(BackendBase):
             now = self.now()
             recs = self._queue(q)
             due = sorted(
-                (r for r in recs.values()
-                 if r.state == "pending" and r.task.is_pull and r.task.eta is not None
-                 and r.task.eta <= now),
+                (
+                    r
+                    for r in recs.values()
+                    if r.state == "pending"
+                    and r.task.is_pull
+                    and r.task.eta is not None
+                    and r.task.eta <= now
+                ),
                 key=lambda r: (r.task.eta, r.task.name),
             )
             if tag == "" and due:
@@ -147,7 +164,11 @@ class MemoryBackend(BackendBase):
                     continue
                 limit = self.pull_retry_limit(r.task.retry_options, q)
                 if limit is not None and r.task.retry_count >= limit + 1:
-                    r.state, r.leased, r.expires = "failed", False, now + self.failed_ttl
+                    r.state, r.leased, r.expires = (
+                        "failed",
+                        False,
+                        now + self.failed_ttl,
+                    )
                     r.task.last_response = "lease limit exceeded"
                     continue
                 r.task.retry_count += 1
@@ -156,7 +177,9 @@ class MemoryBackend(BackendBase):
                 out.append(self._out(r))
             return out
 
-    def lease(self, max_tasks: int, queue_name: str, lease_seconds: Duration) -> list[Task]:
+    def lease(
+        self, max_tasks: int, queue_name: str, lease_seconds: Duration
+    ) -> list[Task]:
         return self._lease(max_tasks, queue_name, lease_seconds, None)
 
     def lease_by_tag(
@@ -164,7 +187,9 @@ class MemoryBackend(BackendBase):
     ) -> list[Task]:
         return self._lease(max_tasks, queue_name, lease_seconds, tag)
 
-    def modify_lease(self, task: Task, queue_name: str, lease_seconds: Duration) -> None:
+    def modify_lease(
+        self, task: Task, queue_name: str, lease_seconds: Duration
+    ) -> None:
         lease = to_timedelta(lease_seconds, "lease_seconds") or timedelta()
         q = self.queue(queue_name)
         with self._lock:
@@ -172,7 +197,12 @@ class MemoryBackend(BackendBase):
             rec = self._queue(q).get(task.name)
             if rec is None or rec.state != "pending":
                 raise TaskNotFound(task.name, q)
-            if not rec.leased or rec.task.eta != task.eta or rec.task.eta is None or rec.task.eta <= now:
+            if (
+                not rec.leased
+                or rec.task.eta != task.eta
+                or rec.task.eta is None
+                or rec.task.eta <= now
+            ):
                 raise LeaseExpired(task.name, q)
             rec.task.eta = now + lease
             rec.leased = lease > timedelta(0)
@@ -201,10 +231,13 @@ class MemoryBackend(BackendBase):
                 out.append(
                     QueueStatistics(
                         tasks=len(pending),
-                        oldest_eta=min((e for e in etas if e is not None), default=None),
+                        oldest_eta=min(
+                            (e for e in etas if e is not None), default=None
+                        ),
                         executed_1_minute=len(executed),
                         in_flight=sum(
-                            1 for r in pending
+                            1
+                            for r in pending
                             if r.leased and r.task.eta is not None and r.task.eta > now
                         ),
                         enforced_rate=self.queue_config(q).rate,
@@ -226,10 +259,16 @@ class MemoryBackend(BackendBase):
             now = self.now()
             self._expire(now)
             due = sorted(
-                (r for q, recs in self._q.items() if wanted is None or q in wanted
-                 for r in recs.values()
-                 if r.state == "pending" and not r.task.is_pull
-                 and r.task.eta is not None and r.task.eta <= now),
+                (
+                    r
+                    for q, recs in self._q.items()
+                    if wanted is None or q in wanted
+                    for r in recs.values()
+                    if r.state == "pending"
+                    and not r.task.is_pull
+                    and r.task.eta is not None
+                    and r.task.eta <= now
+                ),
                 key=lambda r: (r.task.eta, r.task.name),
             )[:max_tasks]
             out = []
@@ -254,7 +293,11 @@ class MemoryBackend(BackendBase):
             now = self.now()
             rec = self._q.get(q, {}).get(task.name)
             if rec is not None and rec.state == "pending":
-                rec.state, rec.leased, rec.expires = "done", False, now + self.tombstone_ttl
+                rec.state, rec.leased, rec.expires = (
+                    "done",
+                    False,
+                    now + self.tombstone_ttl,
+                )
                 self._executed.setdefault(q, deque()).append(now)
                 self.changed.notify_all()
 
@@ -300,7 +343,9 @@ class MemoryBackend(BackendBase):
         with self._lock:
             self._expire(self.now())
             qs = [self.queue(queue_name)] if queue_name is not None else sorted(self._q)
-            recs = [r for q in qs for r in self._q.get(q, {}).values() if r.state == state]
+            recs = [
+                r for q in qs for r in self._q.get(q, {}).values() if r.state == state
+            ]
             recs.sort(key=lambda r: (r.task.scheduled_eta or r.task.eta, r.task.name))
             return [self._out(r) for r in recs[:limit]]
 
@@ -314,7 +359,9 @@ class MemoryBackend(BackendBase):
             qs = [self.queue(queue_name)] if queue_name is not None else list(self._q)
             for q in qs:
                 for r in self._q.get(q, {}).values():
-                    if r.state == "failed" and (wanted is None or r.task.name in wanted):
+                    if r.state == "failed" and (
+                        wanted is None or r.task.name in wanted
+                    ):
                         r.state, r.expires, r.leased = "pending", None, False
                         r.task.eta = r.task.scheduled_eta = now
                         r.task.retry_count = r.task.execution_count = 0
@@ -327,9 +374,13 @@ class MemoryBackend(BackendBase):
         wanted = None if queue_names is None else {self.queue(q) for q in queue_names}
         with self._lock:
             etas = [
-                r.task.eta for q, recs in self._q.items() if wanted is None or q in wanted
+                r.task.eta
+                for q, recs in self._q.items()
+                if wanted is None or q in wanted
                 for r in recs.values()
-                if r.state == "pending" and not r.task.is_pull and r.task.eta is not None
+                if r.state == "pending"
+                and not r.task.is_pull
+                and r.task.eta is not None
             ]
         return min(etas, default=None)
 
