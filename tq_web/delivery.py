@@ -76,6 +76,7 @@ class Decision:
     action: str
     eta: datetime | None = None
     reason: str = ""
+    executed: bool = True
 
 
 def decide(
@@ -104,4 +105,6 @@ def decide(
         return Decision("fail", None, "retries exhausted")
     delay: timedelta = backoff(options, retries_done + 1)
     reason = "task handler failed" if response_ok else "request failed or timed out"
-    return Decision("retry", now + delay, reason)
+    # Like Cloud Tasks' execution count: responses received, 5xx excluded.
+    executed = response_ok and not 500 <= status < 600
+    return Decision("retry", now + delay, reason, executed)

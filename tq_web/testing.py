@@ -268,7 +268,12 @@ class Scheduler:
         elif decision.action == "retry":
             assert decision.eta is not None
             self.backend.retry_later(
-                task, task.queue_name, decision.eta, result.status, decision.reason
+                task,
+                task.queue_name,
+                decision.eta,
+                result.status,
+                decision.reason,
+                executed=decision.executed,
             )
         elif decision.action == "fail":
             self.backend.fail(task, task.queue_name, result.status, result.text)
