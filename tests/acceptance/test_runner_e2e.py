@@ -5,6 +5,7 @@ Bounded in count and time; everything on 127.0.0.1.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -104,7 +105,7 @@ def test_hundreds_of_tasks_delivered_with_headers(app: App) -> None:
             for i in range(300)
         ]
     }
-    for payload, h, _ in app.seen:
+    for _payload, h, _ in app.seen:
         assert h.queue_name == "work"
         assert h.task_name in names
         assert h.task_retry_count == 0 and h.task_execution_count == 0
@@ -137,10 +138,10 @@ def test_retries_follow_backoff_and_stop_at_limit(app: App) -> None:
     )
     with serve_asgi(app.app) as url:
         proc = start_runner(app.url_backend, url, "--drain")
-        out, err = proc.communicate(timeout=120)
+        _out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
     t1 = attempts[1]
-    gaps = [b - a for a, b in zip(t1, t1[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(t1)]
     assert len(t1) == 4
     for gap, want in zip(gaps, [0.3, 0.6, 1.2], strict=True):
         assert want - 0.05 <= gap <= want + 0.5, (gaps, want)
