@@ -16,10 +16,12 @@ one process where httpx manages ~0.3k (docs/runner.md has the numbers).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -153,6 +155,18 @@ class Runner:
         self._renewer: asyncio.Task[None] | None = None
         self._session: Any = None
         self._pull_queues = {n for n, c in self.queues.items() if c.mode == "pull"}
+        # One thread talks to the backend: no lock contention between our own
+        # writers; acknowledgements are applied in batches.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tq_web-runner-db")
+        self._acks: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._ack_ready = asyncio.Event()
+        self._acker: asyncio.Task[None] | None = None
+
+    async def _db(self, func: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, functools.partial(func, *args)
+        )
 
     # --- per-queue limits ---
     def _config(self, queue: str) -> QueueConfig:
@@ -202,6 +216,7 @@ class Runner:
         self.stats.started = time.monotonic()
         self._main = asyncio.create_task(self._loop(), name="tq_web-runner")
         self._renewer = asyncio.create_task(self._renew_loop(), name="tq_web-renewer")
+        self._acker = asyncio.create_task(self._ack_loop(), name="tq_web-acker")
         log.info("tq_web runner: delivering to %s", self.target)
 
     async def stop(self, timeout: float | None = None) -> None:
@@ -220,12 +235,16 @@ class Runner:
             await asyncio.wait(
                 set(self._pending), timeout=timeout or self.dispatch_deadline
             )
-        if self._renewer is not None:
-            self._renewer.cancel()
-            try:
-                await self._renewer
-            except asyncio.CancelledError:
-                pass
+        for helper in (self._renewer, self._acker):
+            if helper is not None:
+                helper.cancel()
+                try:
+                    await helper
+                except asyncio.CancelledError:
+                    pass
+        if self._acks:  # acknowledgements not yet applied
+            await self._flush_acks()
+        self._executor.shutdown(wait=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -250,7 +269,7 @@ class Runner:
     async def _idle_wait(self) -> None:
         timeout = self.poll_interval
         try:
-            nxt = await asyncio.to_thread(self.backend.next_eta, self.only_queues)
+            nxt = await self._db(self.backend.next_eta, self.only_queues)
         except Exception as err:
             log.warning("tq_web runner: cannot read the queue: %s", err)
             nxt, timeout = None, 1.0
@@ -280,7 +299,7 @@ class Runner:
                 if queues == []:
                     await asyncio.sleep(0.01)
                     continue
-                tasks = await asyncio.to_thread(
+                tasks = await self._db(
                     self.backend.lease_push,
                     min(self.batch_size, room),
                     self.lease_seconds,
@@ -316,7 +335,7 @@ class Runner:
                 ):
                     continue
                 try:
-                    await asyncio.to_thread(
+                    await self._db(
                         self.backend.modify_lease, task, queue, self.lease_seconds
                     )
                 except Exception as err:
@@ -360,16 +379,23 @@ class Runner:
                 now = clock()
             options = effective_retry_options(task, self.queues.get(queue))
             decision = decide(task, status, outcome, now, options, response_ok=ok)
-            await asyncio.to_thread(
-                self._apply,
-                task,
-                decision.action,
-                decision.eta,
-                status,
-                text,
-                decision.reason,
-                decision.executed,
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._acks.append(
+                (
+                    (
+                        task,
+                        decision.action,
+                        decision.eta,
+                        status,
+                        text,
+                        decision.reason,
+                        decision.executed,
+                    ),
+                    done,
+                )
             )
+            self._ack_ready.set()
+            await done
             if self.on_result is not None:
                 self.on_result(task, status, decision.action)
         except Exception as err:  # never lose the runner over one task
@@ -378,6 +404,38 @@ class Runner:
         finally:
             self._in_flight.pop(key, None)
             self.stats.in_flight -= 1
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_ready.wait()
+            self._ack_ready.clear()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        batch, self._acks = self._acks, []
+        if not batch:
+            return
+        try:
+            errors = await self._db(self._apply_many, [args for args, _ in batch])
+        except Exception as err:  # the backend is down: leases will expire
+            errors = [err] * len(batch)
+        for (_, fut), error in zip(batch, errors, strict=True):
+            if fut.done():
+                continue
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+    def _apply_many(self, batch: list[tuple[Any, ...]]) -> list[BaseException | None]:
+        errors: list[BaseException | None] = []
+        for args in batch:
+            try:
+                self._apply(*args)
+                errors.append(None)
+            except Exception as err:
+                errors.append(err)
+        return errors
 
     def _apply(
         self,
