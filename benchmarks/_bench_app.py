@@ -18,8 +18,9 @@ async def bare(request: Request) -> Response:
     return Response(b"")
 
 
-dispatcher = tq_web.Dispatcher(os.environ["TQ_WEB_BACKEND"],
-                               secret_key=os.environ["TQ_WEB_SECRET_KEY"])
+dispatcher = tq_web.Dispatcher(
+    os.environ["TQ_WEB_BACKEND"], secret_key=os.environ["TQ_WEB_SECRET_KEY"]
+)
 
 
 async def noop(p: Duration) -> None:

@@ -56,7 +56,9 @@ async def deliver(backend_url: str, target: str, n: int) -> float:
     d = tq_web.Dispatcher(backend_url, secret_key="bench-key")
     d.register_task(Duration, lambda p: None)
     for i in range(0, n, 1000):
-        d.add_task(*[tq_web.Task(Duration(seconds=j)) for j in range(i, min(n, i + 1000))])
+        d.add_task(
+            *[tq_web.Task(Duration(seconds=j)) for j in range(i, min(n, i + 1000))]
+        )
     # The default queue is limited to Cloud Tasks' 500 tasks/s: lift it here.
     fast = {"default": tq_web.QueueConfig("default", rate=1e6, bucket_size=10_000)}
     runner = Runner(d.backend, target, queues=fast, max_in_flight=32, batch_size=32)
@@ -78,13 +80,30 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        env = {**os.environ, "TQ_WEB_BACKEND": f"sqlite:///{tmp}/app.db",
-               "TQ_WEB_SECRET_KEY": "bench-key",
-               "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+        env = {
+            **os.environ,
+            "TQ_WEB_BACKEND": f"sqlite:///{tmp}/app.db",
+            "TQ_WEB_SECRET_KEY": "bench-key",
+            "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
+        }
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "_bench_app:app", "--port", str(port),
-             "--http", "httptools", "--loop", "uvloop", "--no-access-log",
-             "--log-level", "warning"], env=env)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "_bench_app:app",
+                "--port",
+                str(port),
+                "--http",
+                "httptools",
+                "--loop",
+                "uvloop",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+        )
         try:
             target = f"http://127.0.0.1:{port}"
             for _ in range(100):
@@ -96,15 +115,21 @@ def main() -> None:
             ceil, runs = [], []
             for r in range(args.runs):
                 ceil.append(uvloop.run(ceiling(target + "/bare", args.n)))
-                runs.append(uvloop.run(deliver(f"sqlite:///{tmp}/q{r}.db", target, args.n)))
+                runs.append(
+                    uvloop.run(deliver(f"sqlite:///{tmp}/q{r}.db", target, args.n))
+                )
         finally:
             server.terminate()
             server.wait(10)
     c, d = statistics.median(ceil), statistics.median(runs)
-    print(f"aiohttp+uvloop ceiling, bare endpoint : {c:8,.0f} req/s  "
-          f"[{min(ceil):,.0f}-{max(ceil):,.0f}]")
-    print(f"tq_web runner -> push endpoint, SQLite: {d:8,.0f} tasks/s "
-          f"[{min(runs):,.0f}-{max(runs):,.0f}]  = {d / c:.2f}x ceiling")
+    print(
+        f"aiohttp+uvloop ceiling, bare endpoint : {c:8,.0f} req/s  "
+        f"[{min(ceil):,.0f}-{max(ceil):,.0f}]"
+    )
+    print(
+        f"tq_web runner -> push endpoint, SQLite: {d:8,.0f} tasks/s "
+        f"[{min(runs):,.0f}-{max(runs):,.0f}]  = {d / c:.2f}x ceiling"
+    )
 
 
 if __name__ == "__main__":

@@ -24,15 +24,20 @@ def raw_single(path: str, n: int) -> float:
     con = sqlite3.connect(path, isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=NORMAL")
-    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, queue TEXT, name TEXT, payload BLOB,"
-                " state INT, due_at INT, lease_until INT, attempts INT)")
+    con.execute(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, queue TEXT, name TEXT, payload BLOB,"
+        " state INT, due_at INT, lease_until INT, attempts INT)"
+    )
     con.execute("CREATE INDEX t_due ON t(state, due_at)")
     payload = b"x" * 160
     t0 = time.perf_counter()
     for i in range(n):
         con.execute("BEGIN IMMEDIATE")
-        con.execute("INSERT INTO t (queue, name, payload, state, due_at, attempts) "
-                    "VALUES (?,?,?,0,?,0)", ("default", f"n{i}", payload, i))
+        con.execute(
+            "INSERT INTO t (queue, name, payload, state, due_at, attempts) "
+            "VALUES (?,?,?,0,?,0)",
+            ("default", f"n{i}", payload, i),
+        )
         con.execute("COMMIT")
     dt = time.perf_counter() - t0
     con.close()
@@ -53,8 +58,10 @@ def tq_single(url: str, n: int) -> float:
 def tq_multi(url: str, n: int) -> float:
     b = tq_web.connect(url)
     payload = b'{"type":"google.protobuf.Duration","body":"123s"}' + b" " * 110
-    batches = [[tq.Task(path="/internal/tasks/x", payload=payload) for _ in range(1000)]
-               for _ in range(n // 1000)]
+    batches = [
+        [tq.Task(path="/internal/tasks/x", payload=payload) for _ in range(1000)]
+        for _ in range(n // 1000)
+    ]
     t0 = time.perf_counter()
     for batch in batches:
         b.add_multi(batch)
@@ -94,7 +101,9 @@ def main() -> None:
             return f"{prefix}{tmp}/b{next(counter)}.db"
 
         rows = []
-        raw = median(lambda: raw_single(f"{tmp}/raw{next(counter)}.db", args.n), args.runs)
+        raw = median(
+            lambda: raw_single(f"{tmp}/raw{next(counter)}.db", args.n), args.runs
+        )
         rows.append(("raw sqlite INSERT, 1 row/txn", raw, None))
         single = median(lambda: tq_single(fresh(), args.n), args.runs)
         rows.append(("tq_web sqlite backend.add()", single, single[0] / raw[0]))
@@ -109,10 +118,20 @@ def main() -> None:
                 sep = "&" if "?" in args.postgres else "?"
                 return f"{args.postgres}{sep}schema=bench_{uuid.uuid4().hex[:8]}"
 
-            rows.append(("tq_web postgres backend.add()",
-                         median(lambda: tq_single(pg(), args.n // 4), args.runs), None))
-            rows.append(("tq_web postgres add_multi(1000)",
-                         median(lambda: tq_multi(pg(), args.batch_n // 2), args.runs), None))
+            rows.append(
+                (
+                    "tq_web postgres backend.add()",
+                    median(lambda: tq_single(pg(), args.n // 4), args.runs),
+                    None,
+                )
+            )
+            rows.append(
+                (
+                    "tq_web postgres add_multi(1000)",
+                    median(lambda: tq_multi(pg(), args.batch_n // 2), args.runs),
+                    None,
+                )
+            )
     print(f"{'benchmark':45} {'tasks/s (median [min-max])':32} ratio")
     for name, (med, lo, hi), ratio in rows:
         r = f"{ratio:.2f}x raw" if ratio else ""
