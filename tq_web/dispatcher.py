@@ -117,6 +117,7 @@ class Dispatcher:
         self._signer: Signer | None = None
         self._signer_resolved = False
         self._warned_no_auth = False
+        self._auth_cache: tuple[Signer | None, int, list[Authenticator]] | None = None
         if secret_key is not None:
             self._signer = Signer(secret_key, signature_max_age)
             self._signer_resolved = True
@@ -195,11 +196,19 @@ class Dispatcher:
         return "; ".join(reasons)
 
     def _authenticators(self) -> list[Authenticator]:
-        auths: list[Authenticator] = []
         signer = self.signer
+        cached = self._auth_cache
+        if (
+            cached is not None
+            and cached[0] is signer
+            and cached[1] == len(self._extra_auth)
+        ):
+            return cached[2]
+        auths: list[Authenticator] = []
         if signer is not None:
             auths.append(SignatureAuthenticator(signer))
         auths.extend(self._extra_auth)
+        self._auth_cache = (signer, len(self._extra_auth), auths)
         return auths
 
     def add_authenticator(self, authenticator: Authenticator) -> None:

@@ -32,6 +32,7 @@ class RequestHeaders:
     fail_fast: bool = False
 
 
+_EMPTY = RequestHeaders()
 _current: ContextVar[RequestHeaders] = ContextVar("tq_web.request_headers")
 
 
@@ -70,6 +71,8 @@ def _get(h: Mapping[str, str], key: str) -> str:
 
 
 def _int(value: str) -> int:
+    if not value:
+        return 0
     try:
         n = int(value.strip())
     except ValueError:
@@ -78,6 +81,8 @@ def _int(value: str) -> int:
 
 
 def _eta(value: str) -> datetime | None:
+    if not value:
+        return None
     try:
         secs = float(value.strip())
     except ValueError:
@@ -95,6 +100,8 @@ def parse_request_headers(headers: Mapping[str, str]) -> RequestHeaders:
 
     Never raises: malformed values become zero, empty or ``None``.
     """
+    if not any(k.startswith(("x-appengine-", "x-cloudtasks-")) for k in headers):
+        return _EMPTY
     queue = _get(headers, "queuename")
     return RequestHeaders(
         queue_name=queue.rsplit("/", 1)[-1] if "/" in queue else queue,
