@@ -185,3 +185,27 @@ def test_flask_blueprint_with_prefix():
     d.install_routes(bad)
     with pytest.raises(tq_web.ConfigurationError):
         flask.Flask(__name__).register_blueprint(bad, url_prefix="/elsewhere")
+
+
+def test_fast_verifier_agrees_with_itsdangerous():
+    """The verifier re-implements itsdangerous' check; both must agree."""
+    import random
+
+    rng = random.Random(3)
+    s = Signer(["old", "new"])
+    old = Signer("old")
+    path, body = "/internal/tasks/google.protobuf.Duration/t", b'{"type":"x","body":1}'
+    good = [s.sign(path, body), old.sign(path, body)]
+    for sig in good:
+        assert s.verify(path, body, sig) is None
+        assert s.verify_with_itsdangerous(path, body, sig)
+    for _ in range(300):
+        sig = list(rng.choice(good))
+        i = rng.randrange(len(sig))
+        sig[i] = rng.choice("ABCabc012.-_=!")
+        forged = "".join(sig)
+        assert (s.verify(path, body, forged) is None) == s.verify_with_itsdangerous(
+            path, body, forged
+        ), forged
+    assert Signer("other").verify(path, body, good[0]) == "bad signature"
+    assert not Signer("other").verify_with_itsdangerous(path, body, good[0])
