@@ -89,31 +89,39 @@ def bad_payload(reason: str) -> PushResult:
     return PushResult(202, "dropped", f"Bad payload, can't deserialize: {reason}\n")
 
 
+_loop_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    """One event loop in a daemon thread, shared by every sync caller."""
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(
+                target=loop.run_forever, name="tq_web-async-handlers", daemon=True
+            )
+            thread.start()
+            _loop = loop
+        return _loop
+
+
 def run_coroutine_blocking(coro: Any) -> Any:
     """Run a coroutine to completion from sync code (Flask, the Scheduler).
 
-    Uses a fresh event loop in this thread, or in a helper thread when this
-    thread already runs one. The current context (request headers) is kept.
+    Coroutines run on one long-lived event loop in a background thread (so
+    loop-bound resources such as connection pools survive between tasks),
+    in a copy of the caller's context (request headers included).
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
     ctx = contextvars.copy_context()
-    box: dict[str, Any] = {}
 
-    def target() -> None:
-        try:
-            box["value"] = ctx.run(asyncio.run, coro)
-        except BaseException as err:
-            box["error"] = err
+    async def in_context() -> Any:
+        return await coro
 
-    th = threading.Thread(target=target, name="tq_web-async-handler")
-    th.start()
-    th.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    loop = _background_loop()
+    future = ctx.run(asyncio.run_coroutine_threadsafe, in_context(), loop)
+    return future.result()
 
 
 class PushCore:
