@@ -28,15 +28,18 @@ default 30), and :class:`~tq_web.backends.base.BackendBase`'s ``clock``,
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from functools import lru_cache
+from json.encoder import encode_basestring_ascii as _jstr
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -64,6 +67,8 @@ _STATES = {"pending": PENDING, "done": DONE, "failed": FAILED}
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 _URL_OPTIONS = ("synchronous", "busy_timeout", "tombstone_ttl", "failed_ttl")
 
+PAGE_SIZE = 2048
+"""The page size of new database files (SQLite's default is 4096)."""
 SWEEP_INTERVAL = 5.0
 """Seconds between sweeps of expired tombstones and failed tasks."""
 SWEEP_BATCH = 1000
@@ -99,11 +104,11 @@ _SCHEMA = (
     """,
     # Names are unique per queue (tombstones and failed tasks keep theirs).
     "CREATE UNIQUE INDEX IF NOT EXISTS tq_tasks_name ON tq_tasks (queue, name)",
-    # lease_push over every queue: a range scan in (eta, name) order.
-    "CREATE INDEX IF NOT EXISTS tq_tasks_due ON tq_tasks (state, is_pull, eta, name)",
-    # lease, lease_by_tag, lease_push per queue, counts per queue and state.
-    "CREATE INDEX IF NOT EXISTS tq_tasks_queue_due"
-    " ON tq_tasks (queue, state, is_pull, eta, name)",
+    # lease, lease_by_tag, lease_push: one range scan per queue in (eta, id)
+    # order (equal ETAs in insertion order); counts per queue and state.
+    # lease_push over every queue merges the queues' scans: a second,
+    # queue-less index would slow every add.
+    "CREATE INDEX IF NOT EXISTS tq_tasks_due ON tq_tasks (queue, state, is_pull, eta)",
     # The sweep of expired tombstones and failed tasks.
     "CREATE INDEX IF NOT EXISTS tq_tasks_expires ON tq_tasks (expires)"
     " WHERE expires IS NOT NULL",
@@ -152,14 +157,19 @@ _SWEEP = (
     " WHERE expires IS NOT NULL AND expires <= ? LIMIT ?)"
 )
 
-_DUE_ALL = (
-    "SELECT id FROM tq_tasks INDEXED BY tq_tasks_due"
-    " WHERE state = 0 AND is_pull = 0 AND eta <= ? ORDER BY eta, name LIMIT ?"
+_QUEUES = (
+    # A loose index scan: one index seek per distinct queue.
+    "WITH RECURSIVE q(name) AS ("
+    " SELECT min(queue) FROM tq_tasks"
+    " UNION ALL"
+    " SELECT (SELECT min(queue) FROM tq_tasks WHERE queue > q.name)"
+    " FROM q WHERE q.name IS NOT NULL)"
+    " SELECT name FROM q WHERE name IS NOT NULL"
 )
-_DUE_ONE = (
-    "SELECT id, eta, name FROM tq_tasks INDEXED BY tq_tasks_queue_due"
+_DUE = (
+    "SELECT id, eta FROM tq_tasks INDEXED BY tq_tasks_due"
     " WHERE queue = ? AND state = 0 AND is_pull = 0 AND eta <= ?"
-    " ORDER BY eta, name LIMIT ?"
+    " ORDER BY eta, id LIMIT ?"
 )
 
 _CLAIM = (
@@ -167,6 +177,52 @@ _CLAIM = (
     " first_attempt = coalesce(first_attempt, ?), eta = ?, leased = 1"
     " WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, " + _COLS
 )
+
+
+class _Process:
+    """Per-process state, renewed in a forked child.
+
+    ``forks`` tells connections inherited over ``fork()`` (which must not be
+    used) from the child's own; ``prefix`` and ``counter`` feed
+    :meth:`SQLiteBackend.new_name`.
+    """
+
+    def __init__(self) -> None:
+        self.forks = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.forks += 1
+        self.prefix = os.urandom(7).hex()
+        self.counter = map((0xFFFFF).__and__, itertools.count())
+
+
+_PROCESS = _Process()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_PROCESS.reset)
+
+
+class _Handle:
+    """A thread's connection (held in a thread-local)."""
+
+    __slots__ = ("__weakref__", "conn", "forks", "generation")
+
+    def __init__(self, conn: sqlite3.Connection, generation: int, forks: int) -> None:
+        self.conn = conn
+        self.generation = generation
+        self.forks = forks
+
+
+def _release(
+    conns: list[sqlite3.Connection], conn: sqlite3.Connection, forks: int
+) -> None:
+    """Forget and close a connection whose thread has ended."""
+    try:
+        conns.remove(conn)
+    except ValueError:
+        pass  # close() got there first
+    if forks == _PROCESS.forks:  # never close a connection inherited over fork()
+        conn.close()
 
 
 def _is_transient(err: sqlite3.OperationalError) -> bool:
@@ -202,14 +258,41 @@ def _load_options(text: str | None) -> RetryOptions | None:
     return options
 
 
+def _dump_headers(headers: dict[str, str]) -> str:
+    try:  # the common case, str to str, twice as fast as json.dumps
+        items = [_jstr(k) + ":" + _jstr(v) for k, v in headers.items()]
+        return "{" + ",".join(items) + "}"
+    except TypeError:
+        return json.dumps(headers)
+
+
 def _opt_us(value: int | None) -> datetime | None:
     return None if value is None else from_us(value)
 
 
 def _row_task(row: Sequence[Any]) -> Task:
     """Build a Task from the ``_COLS`` columns of a row."""
-    (queue, name, state, leased, eta, sched, rcount, ecount, prev, first, lstatus,
-     method, tag, reason, ropts, headers, path, lresp, payload) = row
+    (
+        queue,
+        name,
+        state,
+        leased,
+        eta,
+        sched,
+        rcount,
+        ecount,
+        prev,
+        first,
+        lstatus,
+        method,
+        tag,
+        reason,
+        ropts,
+        headers,
+        path,
+        lresp,
+        payload,
+    ) = row
     return Task(
         path=path,
         payload=bytes(payload),
@@ -315,65 +398,70 @@ class SQLiteBackend(BackendBase):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
-        self._generation = 0
-        self._pid = os.getpid()
+        self._generation = 0  # bumped by close(): threads reopen
+        self._forks = _PROCESS.forks
         self._next_sweep = 0.0
         self._key: str | None = None
-        self.migrate()
+        try:
+            self.migrate()
+        except BaseException:
+            self.close()
+            raise
 
     # --- connections, transactions, errors ---
     def _conn(self) -> sqlite3.Connection:
-        local = self._local
-        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        """This thread's connection, opened on first use (and after close/fork)."""
+        handle: _Handle | None = getattr(self._local, "handle", None)
         if (
-            conn is not None
-            and local.generation == self._generation
-            and self._pid == os.getpid()
+            handle is not None
+            and handle.generation == self._generation
+            and handle.forks == _PROCESS.forks
         ):
-            return conn
+            return handle.conn
         return self._open()
 
     def _open(self) -> sqlite3.Connection:
-        with self._lock:
-            if self._pid != os.getpid():
-                # A forked child must not use (or close) its parent's connections.
-                self._pid = os.getpid()
-                self._conns = []
-                self._generation += 1
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-                cached_statements=256,
-            )
-            self._conns.append(conn)
-            self._local.conn = conn
-            self._local.generation = self._generation
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=256,
+        )
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if mode is None or str(mode[0]).lower() != "wal":
-                raise ConfigurationError(
-                    f"cannot put SQLite database {self.path} in WAL mode (got {mode})"
-                )
+            # Only takes effect when the file is new: small pages make the WAL
+            # frames each commit writes (one per b-tree touched) cheaper.
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA cache_size = -16000")
-        except sqlite3.OperationalError as err:
-            self._forget(conn)
-            if _is_transient(err):
-                raise Transient(f"SQLite database {self.path} is busy: {err}") from err
+        except sqlite3.DatabaseError as err:
+            conn.close()
+            if isinstance(err, sqlite3.OperationalError) and _is_transient(err):
+                raise self._busy(err) from err
             raise ConfigurationError(
                 f"cannot open SQLite database {self.path}: {err}"
             ) from err
+        if str(mode).lower() != "wal":
+            conn.close()
+            raise ConfigurationError(
+                f"cannot put SQLite database {self.path} in WAL mode (got {mode!r})"
+            )
+        with self._lock:
+            if self._forks != _PROCESS.forks:
+                # A forked child must not use (or close) its parent's connections.
+                self._conns = []
+                self._forks = _PROCESS.forks
+            self._conns.append(conn)
+            handle = _Handle(conn, self._generation, self._forks)
+            # Closed when the thread ends (its thread-local state is dropped).
+            weakref.finalize(handle, _release, self._conns, conn, self._forks)
+        self._local.handle = handle
         return conn
 
-    def _forget(self, conn: sqlite3.Connection) -> None:
-        with self._lock:
-            if conn in self._conns:
-                self._conns.remove(conn)
-            self._local.conn = None
-        conn.close()
+    def _busy(self, err: sqlite3.OperationalError) -> Transient:
+        return Transient(f"SQLite database {self.path} is busy: {err}")
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -382,7 +470,7 @@ class SQLiteBackend(BackendBase):
             yield
         except sqlite3.OperationalError as err:
             if _is_transient(err):
-                raise Transient(f"SQLite database {self.path} is busy: {err}") from err
+                raise self._busy(err) from err
             raise
 
     @contextmanager
@@ -439,8 +527,8 @@ class SQLiteBackend(BackendBase):
         with self._lock:
             conns, self._conns = self._conns, []
             self._generation += 1
-            mine = self._pid == os.getpid()
-        if mine:
+            mine = self._forks == _PROCESS.forks
+        if mine:  # never close connections inherited over fork()
             for conn in conns:
                 conn.close()
 
@@ -465,6 +553,17 @@ class SQLiteBackend(BackendBase):
         self._key = str(row[0])
         return self._key
 
+    @staticmethod
+    def new_name() -> str:
+        """A unique name for an unnamed task: 32 hex digits, time-ordered.
+
+        The time prefix makes inserts into the name index append-mostly (it
+        stays cache-friendly at millions of rows); then 56 random bits drawn
+        once per process and a counter.
+        """
+        proc = _PROCESS
+        return f"{time.time_ns() // 1000:013x}{proc.prefix}{next(proc.counter):05x}"
+
     # --- seed 000 ---
     def _row(self, stored: Task) -> tuple[Any, ...]:
         assert stored.eta is not None
@@ -478,7 +577,7 @@ class SQLiteBackend(BackendBase):
             stored.method,
             stored.tag,
             _dump_options(stored.retry_options),
-            json.dumps(stored.headers) if stored.headers else None,
+            _dump_headers(stored.headers) if stored.headers else None,
             stored.path,
             stored.payload,
         )
@@ -495,8 +594,21 @@ class SQLiteBackend(BackendBase):
         now = self.now()
         stored = self.prepare(task, q, now)
         params = (*self._row(stored), to_us(now))
-        with self._write() as conn:
-            added = conn.execute(_INSERT, params).rowcount
+        # The hot path: _write() written out (one short BEGIN IMMEDIATE transaction).
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                added = conn.execute(_INSERT, params).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+        except sqlite3.OperationalError as err:
+            if _is_transient(err):
+                raise self._busy(err) from err
+            raise
         if added != 1:
             raise TaskAlreadyAdded(stored.name, q)
         return stored
@@ -614,23 +726,21 @@ class SQLiteBackend(BackendBase):
         expiry_us = to_us(now + lease)
         failed_expiry = to_us(now + self.failed_ttl)
         due = (
-            "SELECT id, retry_count, retry_options FROM tq_tasks"
-            " INDEXED BY tq_tasks_queue_due"
+            " FROM tq_tasks INDEXED BY tq_tasks_due"
             " WHERE queue = ? AND state = 0 AND is_pull = 1 AND eta <= ?"
         )
+        select = "SELECT id, retry_count, retry_options" + due
+        select += " AND tag = ?" if tag is not None else ""
+        select += " ORDER BY eta, id LIMIT ?"
         out: list[Task] = []
         with self._write() as conn:
-            if tag == "":
+            if tag == "":  # the tag of the earliest due task
                 first = conn.execute(
-                    due.replace("id, retry_count, retry_options", "tag")
-                    + " ORDER BY eta, name LIMIT 1",
-                    (q, now_us),
+                    "SELECT tag" + due + " ORDER BY eta, id LIMIT 1", (q, now_us)
                 ).fetchone()
-                tag = None if first is None else str(first[0])
-                if tag is None:
+                if first is None:
                     return []
-            select = due + (" AND tag = ?" if tag is not None else "")
-            select += " ORDER BY eta, name LIMIT ?"
+                tag = str(first[0])
             while len(out) < max_tasks:
                 want = max_tasks - len(out)
                 params: tuple[Any, ...] = (q, now_us)
@@ -703,8 +813,14 @@ class SQLiteBackend(BackendBase):
                     "UPDATE tq_tasks SET eta = ?, leased = ?"
                     " WHERE queue = ? AND name = ? AND state = 0 AND leased = 1"
                     " AND eta = ? AND eta > ?",
-                    (to_us(new_eta), 1 if lease > timedelta(0) else 0, q, task.name,
-                     to_us(task.eta), now_us),
+                    (
+                        to_us(new_eta),
+                        1 if lease > timedelta(0) else 0,
+                        q,
+                        task.name,
+                        to_us(task.eta),
+                        now_us,
+                    ),
                 ).rowcount
             if changed != 1:
                 row = conn.execute(
@@ -769,18 +885,22 @@ class SQLiteBackend(BackendBase):
             0.0 if deleted >= SWEEP_BATCH else SWEEP_INTERVAL
         )
 
+    @staticmethod
+    def _all_queues(conn: sqlite3.Connection) -> list[str]:
+        return [str(r[0]) for r in conn.execute(_QUEUES)]
+
     def _due_push(
         self, conn: sqlite3.Connection, queues: list[str] | None, now_us: int, n: int
     ) -> list[int]:
         if queues is None:
-            return [r[0] for r in conn.execute(_DUE_ALL, (now_us, n))]
+            queues = self._all_queues(conn)
         if len(queues) == 1:
-            return [r[0] for r in conn.execute(_DUE_ONE, (queues[0], now_us, n))]
+            return [r[0] for r in conn.execute(_DUE, (queues[0], now_us, n))]
         # One index range per queue, merged: each part is bounded by n.
-        rows: list[tuple[int, int, str]] = []
+        rows: list[tuple[int, int]] = []
         for q in queues:
-            rows.extend(conn.execute(_DUE_ONE, (q, now_us, n)))
-        rows.sort(key=lambda r: (r[1], r[2]))
+            rows.extend(conn.execute(_DUE, (q, now_us, n)))
+        rows.sort(key=lambda r: (r[1], r[0]))
         return [r[0] for r in rows[:n]]
 
     def lease_push(
@@ -852,8 +972,16 @@ class SQLiteBackend(BackendBase):
                 "UPDATE tq_tasks SET eta = ?, scheduled_eta = ?, previous_response = ?,"
                 " retry_reason = ?, execution_count = execution_count + ?, leased = 0"
                 " WHERE queue = ? AND name = ? AND state = 0 AND eta = ?",
-                (eta_us, eta_us, status, reason, 1 if executed else 0, q, task.name,
-                 to_us(task.eta)),
+                (
+                    eta_us,
+                    eta_us,
+                    status,
+                    reason,
+                    1 if executed else 0,
+                    q,
+                    task.name,
+                    to_us(task.eta),
+                ),
             ).rowcount
         return changed == 1
 
@@ -868,8 +996,15 @@ class SQLiteBackend(BackendBase):
                 "UPDATE tq_tasks SET state = 2, leased = 0, expires = ?,"
                 " last_status = ?, last_response = ?, previous_response = ?"
                 " WHERE queue = ? AND name = ? AND state = 0 AND eta = ?",
-                (to_us(now + self.failed_ttl), status, response, status, q, task.name,
-                 to_us(task.eta)),
+                (
+                    to_us(now + self.failed_ttl),
+                    status,
+                    response,
+                    status,
+                    q,
+                    task.name,
+                    to_us(task.eta),
+                ),
             ).rowcount
         return changed == 1
 
@@ -901,8 +1036,8 @@ class SQLiteBackend(BackendBase):
     ) -> int:
         """Make failed tasks pending again, due now; return how many."""
         now_us = to_us(self.now())
-        where = "state = 2"
-        params: tuple[Any, ...] = (now_us, now_us)
+        where = "state = 2 AND (expires IS NULL OR expires > ?)"
+        params: tuple[Any, ...] = (now_us, now_us, now_us)
         if queue_name is not None:
             where += " AND queue = ?"
             params += (self.queue(queue_name),)
@@ -919,14 +1054,12 @@ class SQLiteBackend(BackendBase):
 
     def next_eta(self, queue_names: Sequence[str] | None = None) -> datetime | None:
         """The earliest ETA of pending push tasks (leased ones included)."""
+        wanted = None
+        if queue_names is not None:
+            wanted = {self.queue(name) for name in queue_names}
+        etas: list[int] = []
         with self._read() as conn:
-            if queue_names is None:
-                (eta,) = conn.execute(
-                    "SELECT min(eta) FROM tq_tasks WHERE state = 0 AND is_pull = 0"
-                ).fetchone()
-                return _opt_us(eta)
-            etas: list[int] = []
-            for q in {self.queue(name) for name in queue_names}:
+            for q in self._all_queues(conn) if wanted is None else wanted:
                 (eta,) = conn.execute(
                     "SELECT min(eta) FROM tq_tasks"
                     " WHERE queue = ? AND state = 0 AND is_pull = 0",
@@ -939,12 +1072,4 @@ class SQLiteBackend(BackendBase):
     def queue_names(self) -> list[str]:
         """Every queue that holds or held tasks, sorted."""
         with self._read() as conn:
-            rows = conn.execute(
-                "WITH RECURSIVE q(name) AS ("
-                " SELECT min(queue) FROM tq_tasks"
-                " UNION ALL"
-                " SELECT (SELECT min(queue) FROM tq_tasks WHERE queue > q.name)"
-                " FROM q WHERE q.name IS NOT NULL)"
-                " SELECT name FROM q WHERE name IS NOT NULL"
-            ).fetchall()
-        return [str(r[0]) for r in rows]
+            return self._all_queues(conn)
