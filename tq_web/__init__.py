@@ -26,6 +26,7 @@ from .exceptions import (
     UnregisteredTaskType,
 )
 from .headers import RequestHeaders, request_headers
+from .oidc import AppEngineAuthenticator, OIDCAuthenticator
 from .queues import QueueConfig, load_queue_yaml
 from .request import PushRequest, PushResult
 from .task import Task
@@ -34,6 +35,7 @@ from .taskqueue import RetryOptions
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AppEngineAuthenticator",
     "Authenticator",
     "Backend",
     "ConfigurationError",
@@ -44,6 +46,7 @@ __all__ = [
     "MissingDependency",
     "NotAProtoMessage",
     "NotInTaskHandler",
+    "OIDCAuthenticator",
     "PushRequest",
     "PushResult",
     "QueueConfig",

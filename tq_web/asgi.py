@@ -43,7 +43,7 @@ async def serve_push(
         await _send(send, rejected(405, "Method Not Allowed"))
         return
     declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         await _send(send, rejected(413, "Request body too large"))
         return
     chunks: list[bytes] = []

@@ -117,6 +117,7 @@ class Dispatcher:
         self._signer: Signer | None = None
         self._signer_resolved = False
         self._warned_no_auth = False
+        self._add_listeners: list[Callable[[], None]] = []
         self._auth_cache: tuple[Signer | None, int, list[Authenticator]] | None = None
         if secret_key is not None:
             self._signer = Signer(secret_key, signature_max_age)
@@ -365,8 +366,21 @@ class Dispatcher:
                         errors.append(err)
                 except Exception as err:
                     errors.append(err)
+        for listener in list(self._add_listeners):
+            try:
+                listener()
+            except Exception:  # a stopped runner must not break add_task
+                log.debug("tq_web: add listener failed", exc_info=True)
         if errors:
             raise Transient(f"adding tasks failed: {errors[0]}") from errors[0]
+
+    def on_add(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` after each ``add_task`` (an in-process runner wakes).
+
+        Returns a function that removes the listener.
+        """
+        self._add_listeners.append(listener)
+        return lambda: self._add_listeners.remove(listener)
 
     async def add_task_async(self, *tasks: Task) -> None:
         """:meth:`add_task` without blocking the event loop."""

@@ -77,4 +77,5 @@ def start_runner_thread(
         dispatcher.backend, target, queues=dispatcher.queue_configs, **options
     )
     thread.start()
+    dispatcher.on_add(thread.wake)
     return thread

@@ -164,7 +164,11 @@ class PushCore:
         try:
             type_name, message = decode(request.body, self._proto_lookup)
         except DecodeError as err:
-            log.error("tq_web: dropping push to %s: %s", request.path, err)
+            # Parse errors may quote body values: log them only when allowed.
+            if self.log_task_bodies:
+                log.error("tq_web: dropping push to %s: %s", request.path, err)
+            else:
+                log.error("tq_web: dropping push to %s: undecodable body", request.path)
             return bad_payload(str(err))
         reg = self.lookup(type_name)
         if reg is None:  # pragma: no cover - decode already checked

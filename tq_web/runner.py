@@ -116,7 +116,7 @@ class Runner:
         dispatch_deadline: float = 600.0,
         batch_size: int = 64,
         max_in_flight: int = 256,
-        poll_interval: float = 0.05,
+        poll_interval: float = 0.01,
         on_result: Callable[[Task, int, str], None] | None = None,
     ) -> None:
         if not isinstance(target, str) or not target.startswith(
@@ -161,6 +161,7 @@ class Runner:
         self._acks: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._ack_ready = asyncio.Event()
         self._acker: asyncio.Task[None] | None = None
+        self._listener: asyncio.Future[None] | None = None
 
     async def _db(self, func: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -267,7 +268,9 @@ class Runner:
 
     # --- the loop ---
     async def _idle_wait(self) -> None:
-        timeout = self.poll_interval
+        waiter = getattr(self.backend, "wait_for_tasks", None)
+        # With LISTEN/NOTIFY (PostgreSQL) a notification wakes us: wait longer.
+        timeout = 1.0 if waiter is not None else self.poll_interval
         try:
             nxt = await self._db(self.backend.next_eta, self.only_queues)
         except Exception as err:
@@ -280,6 +283,22 @@ class Runner:
                 return
             timeout = min(timeout, (nxt - current).total_seconds())
         self._wake.clear()
+        if waiter is not None:  # PostgreSQL: LISTEN/NOTIFY, off the db thread
+            listen = self._listener
+            if listen is None or listen.done():
+                listen = self._listener = asyncio.ensure_future(
+                    asyncio.to_thread(waiter, max(0.0, timeout))
+                )
+            woken: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+            both: set[asyncio.Future[Any]] = {listen, woken}
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+            if listen.done() and not listen.cancelled() and listen.exception():
+                log.warning(
+                    "tq_web runner: waiting for tasks failed: %s", listen.exception()
+                )
+                await asyncio.sleep(0.5)
+            return
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, timeout))
         except TimeoutError:

@@ -3,6 +3,7 @@ lifespan that runs the push runner in-process."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,12 @@ def runner_lifespan(
             **runner_options,
         )
         await runner.start()
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(runner.wake)
+
+        remove = dispatcher.on_add(wake)
         try:
             if inner is not None:
                 async with inner(app) as state:
@@ -98,6 +105,7 @@ def runner_lifespan(
             else:
                 yield None
         finally:
+            remove()
             await runner.stop()
 
     return lifespan

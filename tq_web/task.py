@@ -91,7 +91,9 @@ class Task:
     def check_title(self) -> None:
         """Raise InvalidTask unless the title is empty or well formed."""
         if self.title and not (
-            isinstance(self.title, str) and TITLE_RE.match(self.title)
+            isinstance(self.title, str)
+            and TITLE_RE.match(self.title)
+            and self.title.strip(".")  # "." and ".." are path segments
         ):
             raise InvalidTask(
                 f"invalid task title {self.title!r}: use 1-100 characters of "

@@ -42,10 +42,10 @@ def push_request_from_environ(
     method = environ.get("REQUEST_METHOD", "GET")
     if method != "POST":
         return rejected(405, "Method Not Allowed")
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
+    raw_length = str(environ.get("CONTENT_LENGTH") or "").strip()
+    if raw_length and not (raw_length.isascii() and raw_length.isdigit()):
+        return rejected(413, "Request body too large")
+    length = int(raw_length or 0)
     if length > limit:
         return rejected(413, "Request body too large")
     stream = environ["wsgi.input"]

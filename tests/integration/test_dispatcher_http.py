@@ -188,6 +188,9 @@ def test_add_task_validates_all_first(make):
         h.d.add_task(tq_web.Task(Duration(), title="has space"))
     with pytest.raises(ValueError):
         h.d.add_task(tq_web.Task(Duration(), title="x" * 101))
+    for dots in (".", ".."):
+        with pytest.raises(ValueError):
+            h.d.add_task(tq_web.Task(Duration(), title=dots))
     assert h.scheduled() == []
 
 

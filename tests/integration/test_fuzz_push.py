@@ -717,13 +717,6 @@ def test_task_bodies_logged_only_when_configured(
     assert (marker in caplog.text) is log_bodies
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="push.py logs DecodeError text, which quotes body values "
-    "(e.g. 'Duration must end with letter \"s\": <value>'), at ERROR even "
-    "without log_task_bodies",
-)
 def test_malformed_body_values_not_logged_by_default(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -744,12 +737,6 @@ def test_malformed_body_values_not_logged_by_default(
 # --- server adapters driven directly --------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="asgi.py serve_push: '²'.isdigit() is True but int('²') raises "
-    "ValueError (an unhandled exception from a Content-Length header)",
-)
 def test_asgi_content_length_that_is_not_ascii_digits() -> None:
     import asyncio
 
@@ -777,12 +764,6 @@ def test_asgi_content_length_that_is_not_ascii_digits() -> None:
     assert sent[0]["status"] == 403
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="wsgi.py push_request_from_environ: CONTENT_LENGTH '-1' passes the "
-    "limit check and stream.read(-1) reads the whole input, unbounded",
-)
 def test_wsgi_negative_content_length_reads_at_most_the_limit() -> None:
     import io
 
