@@ -16,6 +16,9 @@ from google.protobuf.message import Message
 __all__ = ["DecodeError", "decode", "encode", "full_name"]
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 class DecodeError(ValueError):
     """A push body is not a valid envelope for a known type."""
 
@@ -28,11 +31,7 @@ def full_name(message_or_class: Message | type[Message]) -> str:
 def encode(message: Message) -> bytes:
     """Serialise a payload into the compact JSON envelope."""
     body = json_format.MessageToDict(message, preserving_proto_field_name=False)
-    return json.dumps(
-        {"type": full_name(message), "body": body},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode("utf-8")
+    return _ENCODER.encode({"type": full_name(message), "body": body}).encode("utf-8")
 
 
 def decode(

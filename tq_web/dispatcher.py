@@ -118,6 +118,7 @@ class Dispatcher:
         self._signer_resolved = False
         self._warned_no_auth = False
         self._add_listeners: list[Callable[[], None]] = []
+        self._opts_cache: dict[str, tq.RetryOptions | None] = {}
         self._auth_cache: tuple[Signer | None, int, list[Authenticator]] | None = None
         if secret_key is not None:
             self._signer = Signer(secret_key, signature_max_age)
@@ -302,15 +303,7 @@ class Dispatcher:
         signer = self.signer
         if signer is not None:
             headers[SIGNATURE_HEADER] = signer.sign(path, body)
-        opts = task.retry_options or tq.RetryOptions()
-        opts = opts.merged(reg.retry_options)
-        cfg = self.queue_configs.get(reg.queue)
-        if cfg is not None:
-            opts = opts.merged(cfg.retry_options)
-        if opts == tq.RetryOptions():
-            opts_or_none: tq.RetryOptions | None = None
-        else:
-            opts_or_none = opts
+        opts_or_none = self._effective_options(reg, task.retry_options)
         return reg.queue, tq.Task(
             path=path,
             payload=body,
@@ -321,6 +314,21 @@ class Dispatcher:
             eta=task.eta,
             retry_options=opts_or_none,
         )
+
+    def _effective_options(
+        self, reg: Registration, own: tq.RetryOptions | None
+    ) -> tq.RetryOptions | None:
+        """The task's options, else the registered ones, else the queue's."""
+        if own is None and reg.type_name in self._opts_cache:
+            return self._opts_cache[reg.type_name]
+        opts = (own or tq.RetryOptions()).merged(reg.retry_options)
+        cfg = self.queue_configs.get(reg.queue)
+        if cfg is not None:
+            opts = opts.merged(cfg.retry_options)
+        result = None if opts == tq.RetryOptions() else opts
+        if own is None:
+            self._opts_cache[reg.type_name] = result
+        return result
 
     def _build_all(self, tasks: Sequence[Task]) -> dict[str, list[tq.Task]]:
         per_queue: dict[str, list[tq.Task]] = defaultdict(list)

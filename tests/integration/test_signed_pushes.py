@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -196,6 +197,16 @@ def test_fast_verifier_agrees_with_itsdangerous():
     old = Signer("old")
     path, body = "/internal/tasks/google.protobuf.Duration/t", b'{"type":"x","body":1}'
     good = [s.sign(path, body), old.sign(path, body)]
+    # our signer writes exactly what itsdangerous writes (same second)
+    value = (
+        b"POST\n" + path.encode() + b"\n" + hashlib.sha256(body).hexdigest().encode()
+    )
+    for _ in range(5):
+        ours = s.sign(path, body)
+        theirs = s._signer.sign(value)[len(value) + 1 :].decode()
+        if ours.split(".")[0] == theirs.split(".")[0]:
+            break
+    assert ours == theirs
     for sig in good:
         assert s.verify(path, body, sig) is None
         assert s.verify_with_itsdangerous(path, body, sig)
