@@ -1,0 +1,1 @@
+"""The Starlette example (a package only so pytest can tell it from the Flask one)."""
