@@ -162,6 +162,7 @@ class Runner:
         self._ack_ready = asyncio.Event()
         self._acker: asyncio.Task[None] | None = None
         self._listener: asyncio.Future[None] | None = None
+        self._slots = asyncio.Semaphore(max_in_flight)
 
     async def _db(self, func: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -307,8 +308,10 @@ class Runner:
     async def _loop(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            room = self.max_in_flight - len(self._pending)
-            if room <= 0:
+            # Lease ahead (up to one batch waiting for a slot) and in whole
+            # batches: one claim per batch rather than one per finished task.
+            room = self.max_in_flight + self.batch_size - len(self._pending)
+            if room < max(1, self.batch_size // 2):
                 await asyncio.wait(
                     set(self._pending), return_when=asyncio.FIRST_COMPLETED
                 )
@@ -389,7 +392,7 @@ class Runner:
         self._in_flight[key] = task
         self.stats.in_flight += 1
         try:
-            async with self._sem(queue):
+            async with self._slots, self._sem(queue):
                 await self._bucket(queue).acquire()
                 status, text, outcome, ok = await self._post(task)
             now = datetime.now(task.eta.tzinfo if task.eta else None)
@@ -447,8 +450,19 @@ class Runner:
                 fut.set_exception(error)
 
     def _apply_many(self, batch: list[tuple[Any, ...]]) -> list[BaseException | None]:
+        done = [args[0] for args in batch if args[1] == "done"]
+        done_error: BaseException | None = None
+        if len(done) > 1:
+            try:
+                self.backend.complete_many(done)
+                self.stats.delivered += len(done)
+            except Exception as err:
+                done_error = err
         errors: list[BaseException | None] = []
         for args in batch:
+            if len(done) > 1 and args[1] == "done":
+                errors.append(done_error)
+                continue
             try:
                 self._apply(*args)
                 errors.append(None)

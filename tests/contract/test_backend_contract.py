@@ -364,3 +364,17 @@ def test_memory_stores_are_separate():
     a, b = tq_web.connect("memory://"), tq_web.connect("memory://")
     a.add(push("only-a"))
     assert b.queue_stats(["default"])[0].tasks == 0
+
+
+def test_complete_many(backend):
+    backend.add_multi([push(f"cm{i}") for i in range(5)], "cm1")
+    backend.add(push("other"), "cm2")
+    leased = backend.lease_push(10, 30)
+    assert len(leased) == 6
+    backend.complete_many(leased[:4])
+    s1, s2 = backend.queue_stats(["cm1", "cm2"])
+    assert s1.tasks + s2.tasks == 2
+    backend.complete_many(leased)  # already done ones are ignored
+    assert backend.queue_stats(["cm1", "cm2"])[0].tasks == 0
+    with pytest.raises(tq.TaskAlreadyAdded):
+        backend.add(push("cm0"), "cm1")

@@ -137,6 +137,10 @@ class Backend(Protocol):
         """Mark a leased task done (a tombstone), whoever holds the lease now."""
         ...
 
+    def complete_many(self, tasks: Sequence[Task]) -> None:
+        """:meth:`complete` for several tasks (each names its ``queue_name``)."""
+        ...
+
     def retry_later(
         self,
         task: Task,
@@ -260,6 +264,15 @@ class BackendBase:
             self.queue_config(queue_name).retry_options
         )
         return opts.merged(DEFAULT_RETRY_OPTIONS).retry_limit
+
+    def complete_many(self, tasks: Sequence[Task]) -> None:
+        """Mark several leased tasks done (each names its ``queue_name``).
+
+        Backends override this to use one transaction for the batch.
+        """
+        complete = getattr(self, "complete")  # noqa: B009 - defined by subclasses
+        for task in tasks:
+            complete(task, task.queue_name)
 
     def signing_key(self) -> str | None:
         """A key shared by every process on this store, or None (see SQLite)."""
