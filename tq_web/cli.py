@@ -30,6 +30,24 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit 1."""
 
 
+class UsageError(UserError):
+    """A missing or wrong option: printed as one line, exit 2."""
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to print)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<backend URL>"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -306,7 +324,7 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
         migrate = getattr(backend, "migrate", None)
         if migrate is not None:
             migrate()
-        out.write(f"schema is up to date for {backend.url}\n")
+        out.write(f"schema is up to date for {redact(backend.url)}\n")
         return 0
     finally:
         backend.close()
@@ -314,7 +332,7 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     if not args.target:
-        raise UserError(f"no target: pass --target URL or set {ENV_TARGET}")
+        raise UsageError(f"no target: pass --target URL or set {ENV_TARGET}")
     from .queues import load_queue_yaml
     from .runner import Runner
 
@@ -338,7 +356,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             loop.add_signal_handler(sig, stop.set)
         await runner.start()
         out.write(
-            f"tq-web: delivering {runner.backend.url} → {runner.target} "
+            f"tq-web: delivering {redact(runner.backend.url)} → {runner.target} "
             "(Ctrl-C stops gracefully)\n"
         )
         out.flush()
@@ -402,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args, sys.stdout)
+    except UsageError as err:
+        sys.stderr.write(f"tq-web {args.command}: error: {err}\n")
+        return 2
     except (UserError, ConfigurationError, TqWebError, ValueError) as err:
         sys.stderr.write(f"tq-web: error: {err}\n")
         return 1

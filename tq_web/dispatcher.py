@@ -159,6 +159,9 @@ class Dispatcher:
             old, self._backend = self._backend, backend
             if backend is not None:
                 self._configure_backend(backend)
+            if self._explicit_keys is None:  # a stored key belongs to a backend
+                self._signer, self._signer_resolved = None, False
+            self._auth_cache = None
             return old
 
     @property
@@ -337,12 +340,18 @@ class Dispatcher:
             per_queue[queue].append(raw)
         return per_queue
 
-    def add_task(self, *tasks: Task) -> None:
+    def add_task(self, *tasks: Task, conn: Any = None) -> None:
         """Enqueue tasks; returns once the backend has stored them.
 
         All tasks are checked first (nothing is enqueued if one is bad), then
         submitted per queue in batches of at most 100. A task whose name is
         taken (a duplicate or a tombstone) is skipped silently.
+
+        Args:
+            tasks: the tasks.
+            conn: PostgreSQL only: the application's open connection (psycopg,
+                or a SQLAlchemy Session/Connection). The tasks are added in its
+                transaction, so they exist if and only if it commits.
 
         Raises:
             UnregisteredTaskType: a payload type has no handler.
@@ -353,15 +362,23 @@ class Dispatcher:
             return
         per_queue = self._build_all(tasks)
         backend = self.backend
+        kwargs: dict[str, Any] = {}
+        if conn is not None:
+            if "conn" not in inspect.signature(backend.add).parameters:
+                raise TypeError(
+                    f"{type(backend).__name__} cannot add tasks inside an application "
+                    "transaction (conn=): use the PostgreSQL backend"
+                )
+            kwargs["conn"] = conn
         errors: list[BaseException] = []
         for queue, raws in per_queue.items():
             for i in range(0, len(raws), BATCH_SIZE):
                 batch = raws[i : i + BATCH_SIZE]
                 try:
                     if len(batch) == 1:
-                        backend.add(batch[0], queue)
+                        backend.add(batch[0], queue, **kwargs)
                     else:
-                        backend.add_multi(batch, queue)
+                        backend.add_multi(batch, queue, **kwargs)
                 except tq.TaskAlreadyAdded:
                     pass
                 except tq.MultiError as err:
@@ -392,10 +409,8 @@ class Dispatcher:
 
     async def add_task_async(self, *tasks: Task) -> None:
         """:meth:`add_task` without blocking the event loop."""
-        if not tasks:
-            return
-        self._build_all(tasks)  # validate in the caller's frame, cheaply
-        await asyncio.to_thread(self.add_task, *tasks)
+        if tasks:
+            await asyncio.to_thread(self.add_task, *tasks)
 
     def delete_task(self, *tasks: Task) -> None:
         """Delete named tasks (rebuilding names as ``add_task`` does).

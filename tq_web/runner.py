@@ -116,7 +116,7 @@ class Runner:
         dispatch_deadline: float = 600.0,
         batch_size: int = 64,
         max_in_flight: int = 256,
-        poll_interval: float = 0.01,
+        poll_interval: float = 0.005,
         on_result: Callable[[Task, int, str], None] | None = None,
     ) -> None:
         if not isinstance(target, str) or not target.startswith(

@@ -161,13 +161,14 @@ def test_transactional_add_rollback_never_delivered(pg_url: str) -> None:
 
     rec = Recorder()
     d, app = make_app(pg_url, rec, "txn")
-    backend: Any = d.backend
     with psycopg.connect(postgres_url()) as conn:
         with conn.transaction():  # commits
-            backend.add(d._build(tq_web.Task(Int64Value(value=1)))[1], "txn", conn=conn)
-            backend.add(d._build(tq_web.Task(Int64Value(value=2)))[1], "txn", conn=conn)
+            d.add_task(tq_web.Task(Int64Value(value=1)), conn=conn)
+            d.add_task(
+                tq_web.Task(Int64Value(value=2), deduplication_key="two"), conn=conn
+            )
         with pytest.raises(ZeroDivisionError), conn.transaction():  # rolls back
-            backend.add(d._build(tq_web.Task(Int64Value(value=3)))[1], "txn", conn=conn)
+            d.add_task(tq_web.Task(Int64Value(value=3)), conn=conn)
             raise ZeroDivisionError
     with serve_asgi(app) as target:
         proc = runner(pg_url, target, "--drain")

@@ -272,7 +272,7 @@ def test_cli_user_errors(tmp_path: Path) -> None:
     )
     assert r.returncode == 1 and "bad rate" in r.stderr and "Traceback" not in r.stderr
     r = cli("run", "--backend", f"sqlite:///{tmp_path}/e.db")
-    assert r.returncode == 1 and "no target" in r.stderr
+    assert r.returncode == 2 and "no target" in r.stderr
     r = cli("purge", "--backend", f"sqlite:///{tmp_path}/e.db")
     assert r.returncode == 2
     for sub in ("run", "stats", "tasks", "failed", "retry", "purge", "migrate"):

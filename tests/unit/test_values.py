@@ -269,3 +269,35 @@ def test_retry_options_stored_are_effective():
     assert t.retry_options == tq.RetryOptions(
         retry_limit=2, min_backoff=1, max_doublings=4
     )
+
+
+def test_add_task_conn_needs_postgres():
+    d = tq_web.Dispatcher("memory://")
+    d.register_task(Duration, lambda p: None)
+    with pytest.raises(TypeError, match="PostgreSQL"):
+        d.add_task(tq_web.Task(Duration()), conn=object())
+
+
+def test_scheduler_does_not_leave_dispatcher_unsigned(tmp_path, monkeypatch):
+    from tq_web.auth import SIGNATURE_HEADER
+    from tq_web.testing import Scheduler
+
+    monkeypatch.delenv("TQ_WEB_SECRET_KEY", raising=False)
+    d = tq_web.Dispatcher(f"sqlite:///{tmp_path}/s.db")
+    d.register_task(Duration, lambda p: None)
+    with Scheduler(d) as sched:
+        d.add_task(tq_web.Task(Duration()))
+        assert len(sched.run()) == 1
+    d.add_task(tq_web.Task(Duration()))
+    [t] = d.backend.list_tasks("default")
+    assert SIGNATURE_HEADER in t.headers
+
+
+def test_cli_redacts_passwords():
+    from tq_web.cli import redact
+
+    assert (
+        redact("postgresql://u:s3cret@h/db?schema=x")
+        == "postgresql://u:***@h/db?schema=x"
+    )
+    assert redact("sqlite:///x.db") == "sqlite:///x.db"
