@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -115,8 +116,14 @@ def main() -> None:
             ceil, runs = [], []
             for r in range(args.runs):
                 ceil.append(uvloop.run(ceiling(target + "/bare", args.n)))
+                rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 runs.append(
                     uvloop.run(deliver(f"sqlite:///{tmp}/q{r}.db", target, args.n))
+                )
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                print(
+                    f"run {r + 1}: {runs[-1]:,.0f} tasks/s, max RSS {rss:.0f} MiB "
+                    f"(+{rss - rss_before / 1024:.1f} MiB during this run)"
                 )
         finally:
             server.terminate()

@@ -44,6 +44,31 @@ def raw_single(path: str, n: int) -> float:
     return n / dt
 
 
+def raw_pg_single(url: str, n: int) -> float:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as con:
+        con.execute("DROP TABLE IF EXISTS tq_bench_raw")
+        con.execute(
+            "CREATE TABLE tq_bench_raw (id bigserial PRIMARY KEY, queue text,"
+            " name text, payload bytea, state int, due_at timestamptz,"
+            " lease_until timestamptz, attempts int)"
+        )
+        con.execute("CREATE INDEX ON tq_bench_raw (due_at) WHERE state = 0")
+        payload = b"x" * 160
+        t0 = time.perf_counter()
+        for i in range(n):
+            con.execute(
+                "INSERT INTO tq_bench_raw"
+                " (queue, name, payload, state, due_at, attempts)"
+                " VALUES (%s, %s, %s, 0, now(), 0)",
+                ("default", f"n{i}", payload),
+            )
+        dt = time.perf_counter() - t0
+        con.execute("DROP TABLE tq_bench_raw")
+    return n / dt
+
+
 def tq_single(url: str, n: int) -> float:
     b = tq_web.connect(url)
     payload = b'{"type":"google.protobuf.Duration","body":"123s"}' + b" " * 110
@@ -51,6 +76,7 @@ def tq_single(url: str, n: int) -> float:
     for _ in range(n):
         b.add(tq.Task(path="/internal/tasks/x", payload=payload))
     dt = time.perf_counter() - t0
+    getattr(b, "drop_schema", lambda: None)()  # PostgreSQL: leave nothing behind
     b.close()
     return n / dt
 
@@ -66,6 +92,7 @@ def tq_multi(url: str, n: int) -> float:
     for batch in batches:
         b.add_multi(batch)
     dt = time.perf_counter() - t0
+    getattr(b, "drop_schema", lambda: None)()  # PostgreSQL: leave nothing behind
     b.close()
     return n / dt
 
@@ -78,6 +105,7 @@ def dispatcher_batched(url: str, n: int) -> float:
     for _ in range(n // 1000):
         d.add_task(*tasks)
     dt = time.perf_counter() - t0
+    getattr(d.backend, "drop_schema", lambda: None)()
     d.close()
     return n / dt
 
@@ -118,17 +146,27 @@ def main() -> None:
                 sep = "&" if "?" in args.postgres else "?"
                 return f"{args.postgres}{sep}schema=bench_{uuid.uuid4().hex[:8]}"
 
+            raw_pg = median(
+                lambda: raw_pg_single(args.postgres, args.n // 4), args.runs
+            )
+            rows.append(("raw postgres INSERT, 1 row/txn", raw_pg, None))
+            pg_single = median(lambda: tq_single(pg(), args.n // 4), args.runs)
             rows.append(
-                (
-                    "tq_web postgres backend.add()",
-                    median(lambda: tq_single(pg(), args.n // 4), args.runs),
-                    None,
-                )
+                ("tq_web postgres backend.add()", pg_single, pg_single[0] / raw_pg[0])
             )
             rows.append(
                 (
                     "tq_web postgres add_multi(1000)",
                     median(lambda: tq_multi(pg(), args.batch_n // 2), args.runs),
+                    None,
+                )
+            )
+            rows.append(
+                (
+                    "Dispatcher.add_task(*1000), postgres",
+                    median(
+                        lambda: dispatcher_batched(pg(), args.batch_n // 2), args.runs
+                    ),
                     None,
                 )
             )

@@ -26,13 +26,17 @@ BODY = b'{"type":"google.protobuf.Duration","body":"123s"}'
 PATH = "/internal/tasks/google.protobuf.Duration"
 
 
-def dispatcher() -> tuple[tq_web.Dispatcher, str]:
+def dispatcher(async_handler: bool = True) -> tuple[tq_web.Dispatcher, str]:
+    """A dispatcher with a no-op handler: async for Starlette, sync for Flask."""
     d = tq_web.Dispatcher("memory://", secret_key="bench")
 
-    async def noop(p: Duration) -> None:
+    async def anoop(p: Duration) -> None:
         return None
 
-    d.register_task(Duration, noop)
+    def noop(p: Duration) -> None:
+        return None
+
+    d.register_task(Duration, anoop if async_handler else noop)
     return d, d.signer.sign(PATH, BODY)  # type: ignore[union-attr]
 
 
@@ -122,7 +126,7 @@ def main() -> None:
         methods=["POST"],
     )
     tq_flask = flask.Flask("tq")
-    d.install_routes(tq_flask)
+    dispatcher(async_handler=False)[0].install_routes(tq_flask)
     sig_header = [(b"x-tq-web-signature", sig.encode())]
     rows = []
     for name, f_bare, f_tq in [
