@@ -14,9 +14,9 @@ from typing import Any
 from google.protobuf.message import Message
 
 from . import taskqueue as tq
+from ._time import Duration
 from .auth import (
     SIGNATURE_HEADER,
-    AllowUnauthenticated,
     Authenticator,
     Keys,
     SignatureAuthenticator,
@@ -98,7 +98,7 @@ class Dispatcher:
         authenticators: Sequence[Authenticator] = (),
         retry_untagged_errors: bool = False,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        signature_max_age: float | None = None,
+        signature_max_age: Duration | None = None,
         queues: QueuesArg = None,
         log_task_bodies: bool = False,
     ) -> None:
@@ -508,11 +508,6 @@ class Dispatcher:
         from .wsgi import PushWSGIApp
 
         return PushWSGIApp(self)
-
-    def allow_all(self) -> None:
-        """Accept every push from now on (same as ``allow_unauthenticated=True``)."""
-        self.allow_unauthenticated = True
-        self._extra_auth.append(AllowUnauthenticated())
 
     def close(self) -> None:
         """Close the backend if this dispatcher opened it."""

@@ -10,6 +10,8 @@ Backends (:mod:`tq_web.backends`) implement the operations on these values::
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -189,13 +191,27 @@ class RetryOptions:
         def secs(td: timedelta | None) -> float | None:
             return None if td is None else td.total_seconds()
 
-        return {
+        out: dict[str, float | int | None] = {
             "retry_limit": self.retry_limit,
             "age_limit": secs(self.age_limit),
             "min_backoff": secs(self.min_backoff),
             "max_backoff": secs(self.max_backoff),
             "max_doublings": self.max_doublings,
         }
+        if self.apply_zero_max_doublings:
+            out["apply_zero_max_doublings"] = True
+        return out
+
+    def to_json(self) -> str:
+        """Compact JSON of :meth:`to_dict` (how backends store options)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    @functools.lru_cache(maxsize=256)
+    def from_json(cls, text: str) -> RetryOptions | None:
+        """Inverse of :meth:`to_json` (cached: stored options repeat a lot)."""
+        data = json.loads(text)
+        return cls.from_dict(data if isinstance(data, dict) else None)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object] | None) -> RetryOptions | None:
@@ -217,6 +233,7 @@ class RetryOptions:
             min_backoff=get("min_backoff"),
             max_backoff=get("max_backoff"),
             max_doublings=get_int("max_doublings"),
+            apply_zero_max_doublings=data.get("apply_zero_max_doublings") is True,
         )
 
 

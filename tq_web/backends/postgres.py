@@ -139,7 +139,7 @@ def _columns(rows: Sequence[_Row], shape: Callable[[list[Any]], Any]) -> dict[st
         payloads.append(s.payload)
         headers.append(json.dumps(s.headers, separators=(",", ":")))
         tags.append(s.tag)
-        ropts.append(_encode_options(opts))
+        ropts.append(None if opts is None else opts.to_json())
         rlimits.append(opts.retry_limit if opts is not None else None)
         etas.append(eta)
         delays.append(delay_us)
@@ -483,32 +483,6 @@ def _clean(text: str) -> str:
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
-def _encode_options(opts: RetryOptions | None) -> str | None:
-    if opts is None:
-        return None
-    data: dict[str, Any] = dict(opts.to_dict())
-    if opts.apply_zero_max_doublings:
-        data["apply_zero_max_doublings"] = True
-    return json.dumps(data, separators=(",", ":"))
-
-
-def _decode_options(text: str | None) -> RetryOptions | None:
-    if text is None:
-        return None
-    data = json.loads(text)
-    opts = RetryOptions.from_dict(data)
-    if opts is not None and data.get("apply_zero_max_doublings"):
-        opts = RetryOptions(
-            retry_limit=opts.retry_limit,
-            age_limit=opts.age_limit,
-            min_backoff=opts.min_backoff,
-            max_backoff=opts.max_backoff,
-            max_doublings=opts.max_doublings,
-            apply_zero_max_doublings=True,
-        )
-    return opts
-
-
 def _check_text(task: Task) -> None:
     """Refuse what PostgreSQL text columns cannot store (NUL characters)."""
     parts = [task.path, task.tag, task.method]
@@ -556,7 +530,7 @@ def _row_to_task(row: Sequence[Any]) -> Task:
         eta=_aware(eta),
         retry_count=retry_count,
         tag=tag,
-        retry_options=_decode_options(ropts),
+        retry_options=None if ropts is None else RetryOptions.from_json(ropts),
         queue_name=queue,
         scheduled_eta=_aware(scheduled_eta),
         execution_count=execution_count,

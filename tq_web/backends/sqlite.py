@@ -38,7 +38,6 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from functools import lru_cache
 from json.encoder import encode_basestring_ascii as _jstr
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -230,32 +229,8 @@ def _is_transient(err: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-@lru_cache(maxsize=256)
-def _dump_options(options: RetryOptions | None) -> str | None:
-    if options is None:
-        return None
-    data: dict[str, Any] = dict(options.to_dict())
-    if options.apply_zero_max_doublings:
-        data["apply_zero_max_doublings"] = True
-    return json.dumps(data, separators=(",", ":"))
-
-
-@lru_cache(maxsize=256)
 def _load_options(text: str | None) -> RetryOptions | None:
-    if text is None:
-        return None
-    data = json.loads(text)
-    options = RetryOptions.from_dict(data)
-    if options is not None and data.get("apply_zero_max_doublings"):
-        options = RetryOptions(
-            retry_limit=options.retry_limit,
-            age_limit=options.age_limit,
-            min_backoff=options.min_backoff,
-            max_backoff=options.max_backoff,
-            max_doublings=options.max_doublings,
-            apply_zero_max_doublings=True,
-        )
-    return options
+    return None if text is None else RetryOptions.from_json(text)
 
 
 def _dump_headers(headers: dict[str, str]) -> str:
@@ -576,7 +551,7 @@ class SQLiteBackend(BackendBase):
             eta,
             stored.method,
             stored.tag,
-            _dump_options(stored.retry_options),
+            None if stored.retry_options is None else stored.retry_options.to_json(),
             _dump_headers(stored.headers) if stored.headers else None,
             stored.path,
             stored.payload,
