@@ -9,7 +9,6 @@ own schema and drops it. Skipped without a server unless
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 import time
 import uuid
@@ -20,30 +19,10 @@ from typing import Any
 import pytest
 
 import tq_web
+from tests.contract.conftest import postgres_url, require_postgres
 from tq_web import taskqueue as tq
 
 pytestmark = pytest.mark.postgres
-
-
-# The two helpers of tests/contract/conftest.py (copied: conftest modules are not
-# importable under every pytest import mode).
-def postgres_url() -> str:
-    return os.environ.get(
-        "TQ_WEB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-    )
-
-
-def require_postgres() -> None:
-    """Skip (or fail, under CI's TQ_WEB_REQUIRE_POSTGRES=1) without a server."""
-    try:
-        import psycopg
-
-        with psycopg.connect(postgres_url(), connect_timeout=3):
-            pass
-    except Exception as err:
-        if os.environ.get("TQ_WEB_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL required but unreachable: {err}")
-        pytest.skip(f"no PostgreSQL server reachable: {err}")
 
 
 def _schema() -> str:
