@@ -278,3 +278,96 @@ def test_cli_user_errors(tmp_path: Path) -> None:
     for sub in ("run", "stats", "tasks", "failed", "retry", "purge", "migrate"):
         r = cli(sub, "--help")
         assert r.returncode == 0 and "--backend" in r.stdout
+
+
+def test_queue_yaml_rate_bucket_and_concurrency(app: App, tmp_path: Path) -> None:
+    """rate 5/s with bucket 1 spaces starts ~0.2 s apart; max 2 requests at once."""
+    active = 0
+    peak = 0
+    starts: list[float] = []
+    lock = threading.Lock()
+
+    def handler(p: Int64Value) -> None:
+        nonlocal active, peak
+        with lock:
+            starts.append(time.monotonic())
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.05)
+        with lock:
+            active -= 1
+
+    def slow(p: Duration) -> None:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak_slow.append(active)
+        time.sleep(0.3)
+        with lock:
+            active -= 1
+
+    peak_slow: list[int] = []
+    app.d.register_task(Int64Value, handler, "limited")
+    app.d.register_task(Duration, slow, "narrow")
+    qy = tmp_path / "queue.yaml"
+    qy.write_text(
+        "queue:\n"
+        "- name: limited\n  rate: 5/s\n  bucket_size: 1\n"
+        "- name: narrow\n  rate: 100/s\n  max_concurrent_requests: 2\n"
+    )
+    app.d.add_task(*[tq_web.Task(Int64Value(value=i)) for i in range(8)])
+    with serve_asgi(app.app) as url:
+        proc = start_runner(
+            app.url_backend,
+            url,
+            "--drain",
+            "--queue-yaml",
+            str(qy),
+            "--queue",
+            "limited",
+        )
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        gaps = [b - a for a, b in itertools.pairwise(sorted(starts))]
+        assert len(starts) == 8
+        assert min(gaps) >= 0.15, gaps  # 5/s: one start per 0.2 s
+        assert sum(gaps) >= 7 * 0.18
+        app.d.add_task(*[tq_web.Task(Duration(seconds=i)) for i in range(6)])
+        proc = start_runner(
+            app.url_backend,
+            url,
+            "--drain",
+            "--queue-yaml",
+            str(qy),
+            "--queue",
+            "narrow",
+        )
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    assert len(peak_slow) == 6 and max(peak_slow) == 2
+
+
+def test_dispatch_deadline_retries(app: App) -> None:
+    attempts: list[tq_web.RequestHeaders] = []
+
+    def hang(p: Duration) -> None:
+        attempts.append(tq_web.request_headers())
+        if len(attempts) == 1:
+            time.sleep(2.5)  # longer than the 1 s deadline
+
+    app.d.register_task(
+        Duration,
+        hang,
+        "deadline",
+        tq_web.RetryOptions(min_backoff=0.1, max_backoff=0.2),
+    )
+    app.d.add_task(tq_web.Task(Duration(seconds=1)))
+    with serve_asgi(app.app) as url:
+        proc = start_runner(app.url_backend, url, "--drain", "--dispatch-deadline", "1")
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    assert len(attempts) == 2
+    assert attempts[1].task_retry_count == 1
+    assert attempts[1].task_previous_response == 0  # no response: cut at the deadline
+    assert attempts[1].task_retry_reason == "request failed or timed out"
+    assert attempts[1].task_execution_count == 0
