@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 __all__ = ["install", "start_runner_thread"]
 
 ENDPOINT = "tq_web_push"
+# Every method reaches the view, which answers non-POST with 405 and the
+# X-TQ-Web-Outcome header, like the other adapters.
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 def _view(dispatcher: Dispatcher) -> Any:
@@ -44,7 +47,7 @@ def install(dispatcher: Dispatcher, app: flask.Flask | flask.Blueprint) -> None:
     view = _view(dispatcher)
     base = dispatcher.base_url
     if isinstance(app, flask.Flask):
-        app.add_url_rule(base + "<path:subpath>", ENDPOINT, view, methods=["POST"])
+        app.add_url_rule(base + "<path:subpath>", ENDPOINT, view, methods=METHODS)
         app.extensions["tq_web"] = dispatcher
         return
 
@@ -57,7 +60,7 @@ def install(dispatcher: Dispatcher, app: flask.Flask | flask.Blueprint) -> None:
                 f"{prefix + '/internal/tasks/'!r}"
             )
         rule = base[len(prefix) :]
-        state.add_url_rule(rule + "<path:subpath>", ENDPOINT, view, methods=["POST"])
+        state.add_url_rule(rule + "<path:subpath>", ENDPOINT, view, methods=METHODS)
         state.app.extensions["tq_web"] = dispatcher
 
     app.record(register)

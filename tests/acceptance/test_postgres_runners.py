@@ -215,3 +215,25 @@ def test_postgres_restart_mid_drain(pg_url: str) -> None:
             stop_all(procs)
     assert set(rec.intervals) == set(range(n))
     d.close()
+
+
+def test_cli_migrate_and_stats_on_postgres(pg_url: str) -> None:
+    url = pg_url.replace("postgres@", "postgres:not-a-secret@", 1)
+    for args in (["migrate"], ["stats"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "tq_web", *args, "--backend", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert "not-a-secret" not in r.stdout + r.stderr
+    assert (
+        "schema is up to date"
+        in subprocess.run(
+            [sys.executable, "-m", "tq_web", "migrate", "--backend", pg_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )

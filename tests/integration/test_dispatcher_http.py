@@ -339,8 +339,12 @@ def test_body_too_large_is_413(make):
 def test_only_post(make):
     h = make(allow_unauthenticated=True)
     h.d.register_task(Duration, lambda p: None)
-    status, _, _ = http_post(h.url + "/internal/tasks/x", b"", method="PUT")
-    assert status == 405
+    for method in ("PUT", "GET", "DELETE"):
+        status, headers, _ = http_post(
+            h.url + "/internal/tasks/x", b"" if method == "PUT" else None, method=method
+        )
+        assert status == 405
+        assert headers["x-tq-web-outcome"] == "rejected"
 
 
 def test_get_queues():
