@@ -8,6 +8,7 @@ headers (Content-Type, the signature).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -57,10 +58,14 @@ def delivery_headers(task: Task, queue_name: str | None = None) -> dict[str, str
 
 def effective_retry_options(task: Task, queue: QueueConfig | None) -> RetryOptions:
     """The task's options, else the queue's, else the defaults, field by field."""
-    opts = task.retry_options or RetryOptions()
-    if queue is not None:
-        opts = opts.merged(queue.retry_options)
-    return opts.merged(DEFAULT_RETRY_OPTIONS)
+    return _effective(
+        task.retry_options, None if queue is None else queue.retry_options
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _effective(own: RetryOptions | None, queue: RetryOptions | None) -> RetryOptions:
+    return (own or RetryOptions()).merged(queue).merged(DEFAULT_RETRY_OPTIONS)
 
 
 @dataclass(frozen=True)
