@@ -25,6 +25,13 @@ def to_timedelta(value: Duration | None, what: str = "duration") -> timedelta | 
     """
     if value is None:
         return None
+    if isinstance(value, str):  # from URL query strings and config files
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(
+                f"{what} must be a number of seconds, got {value!r}"
+            ) from None
     if isinstance(value, timedelta):
         td = value
     elif isinstance(value, bool) or not isinstance(value, int | float):

@@ -36,16 +36,9 @@ class UsageError(UserError):
 
 def redact(url: str) -> str:
     """``url`` with any password replaced by ``***`` (safe to print)."""
-    from urllib.parse import urlsplit, urlunsplit
+    from .backends import redact_url
 
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return "<backend URL>"
+    return redact_url(url)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -418,6 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tq-web``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    import logging
+
+    # The pool logs every failed connection attempt; the CLI says it once.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     try:
         return COMMANDS[args.command](args, sys.stdout)
     except UsageError as err:

@@ -33,7 +33,7 @@ from .exceptions import (
     Transient,
     UnregisteredTaskType,
 )
-from .push import DEFAULT_MAX_BODY_SIZE, PushCore, Registration
+from .push import DEFAULT_MAX_BODY_SIZE, PushCore, Registration, loggable_path
 from .queues import QueueConfig, load_queue_yaml
 from .request import PushRequest
 from .task import Task
@@ -197,7 +197,11 @@ class Dispatcher:
                     "authenticator, or allow_unauthenticated=True for local use)"
                 )
             return "no authentication configured"
-        log.warning("tq_web: rejected push to %s: %s", request.path, "; ".join(reasons))
+        log.warning(
+            "tq_web: rejected push to %s: %s",
+            loggable_path(request.path),
+            "; ".join(reasons),
+        )
         return "; ".join(reasons)
 
     def _authenticators(self) -> list[Authenticator]:
@@ -466,7 +470,7 @@ class Dispatcher:
             await asyncio.to_thread(self.delete_task, *tasks)
 
     # --- serving ---
-    def install_routes(self, app: Any) -> None:
+    def install_routes(self, app: Any, *, mount_path: str = "") -> None:
         """Serve pushes at ``base_url`` in a Flask app or Blueprint, or a
         Starlette (or FastAPI) app or Router.
 
@@ -480,12 +484,20 @@ class Dispatcher:
             if isinstance(app, flask.Flask | flask.Blueprint):
                 from .flask import install
 
-                install(self, app)
+                install(self, app, mount_path)
                 return
         if "starlette" in sys.modules:
             from starlette.applications import Starlette
             from starlette.routing import Router
 
+            if type(app).__module__.startswith("fastapi") and not isinstance(
+                app, Starlette
+            ):
+                raise TypeError(
+                    "install_routes on a FastAPI APIRouter would be lost by "
+                    "app.include_router(): call install_routes(app) on the FastAPI "
+                    "app (or a Starlette Router mounted with Mount)"
+                )
             if isinstance(app, Starlette | Router):
                 from .starlette import install as install_starlette
 

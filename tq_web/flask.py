@@ -38,14 +38,26 @@ def _view(dispatcher: Dispatcher) -> Any:
     return tq_web_push
 
 
-def install(dispatcher: Dispatcher, app: flask.Flask | flask.Blueprint) -> None:
+def install(
+    dispatcher: Dispatcher, app: flask.Flask | flask.Blueprint, mount_path: str = ""
+) -> None:
     """Add the push view to a Flask app, or to a Blueprint before it is registered.
 
     ``base_url`` is absolute: for a Blueprint with ``url_prefix="/api"`` use
-    ``base_url="/api/internal/tasks/"``.
+    ``base_url="/api/internal/tasks/"``. For an app served under a
+    ``SCRIPT_NAME`` (e.g. mounted at ``/api`` by a WSGI dispatcher), pass
+    ``mount_path="/api"`` with that same absolute ``base_url``.
     """
     view = _view(dispatcher)
     base = dispatcher.base_url
+    mount = mount_path.rstrip("/")
+    if mount:
+        if not base.startswith(mount + "/"):
+            raise ConfigurationError(
+                f"mount_path {mount_path!r} is not a prefix of base_url {base!r}: "
+                "base_url must be the absolute path clients use"
+            )
+        base = base[len(mount) :]
     if isinstance(app, flask.Flask):
         app.add_url_rule(base + "<path:subpath>", ENDPOINT, view, methods=METHODS)
         app.extensions["tq_web"] = dispatcher

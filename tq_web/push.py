@@ -60,6 +60,20 @@ class Registration:
 OK = PushResult(200, "ok", "OK\n")
 
 
+def describe(error: BaseException) -> str:
+    """``str(error)``, or the type name when the exception cannot be shown."""
+    try:
+        return str(error)
+    except Exception:
+        return f"<{type(error).__name__}: unprintable>"
+
+
+def loggable_path(path: str) -> str:
+    """A request path safe to log: escaped (no forged lines) and bounded."""
+    shown = path[:200].encode("unicode_escape", "backslashreplace").decode("ascii")
+    return shown + ("…" if len(path) > 200 else "")
+
+
 def result_for(
     error: BaseException | None, *, retry_untagged: bool = False, type_name: str = ""
 ) -> PushResult:
@@ -68,15 +82,23 @@ def result_for(
         return PushResult(200, "ok", "OK\n", None, type_name)
     if Retry.is_tagged(error):
         return PushResult(
-            409, "retry", f"The handler asked for retry: {error}\n", error, type_name
+            409,
+            "retry",
+            f"The handler asked for retry: {describe(error)}\n",
+            error,
+            type_name,
         )
     if Transient.is_tagged(error):
         return PushResult(
-            500, "transient", f"Transient error: {error}\n", error, type_name
+            500, "transient", f"Transient error: {describe(error)}\n", error, type_name
         )
     if retry_untagged:
-        return PushResult(500, "transient", f"Error: {error}\n", error, type_name)
-    return PushResult(202, "dropped", f"Fatal error: {error}\n", error, type_name)
+        return PushResult(
+            500, "transient", f"Error: {describe(error)}\n", error, type_name
+        )
+    return PushResult(
+        202, "dropped", f"Fatal error: {describe(error)}\n", error, type_name
+    )
 
 
 def rejected(status: int, text: str) -> PushResult:
@@ -166,9 +188,14 @@ class PushCore:
         except DecodeError as err:
             # Parse errors may quote body values: log them only when allowed.
             if self.log_task_bodies:
-                log.error("tq_web: dropping push to %s: %s", request.path, err)
+                log.error(
+                    "tq_web: dropping push to %s: %s", loggable_path(request.path), err
+                )
             else:
-                log.error("tq_web: dropping push to %s: undecodable body", request.path)
+                log.error(
+                    "tq_web: dropping push to %s: undecodable body",
+                    loggable_path(request.path),
+                )
             return bad_payload(str(err))
         reg = self.lookup(type_name)
         if reg is None:  # pragma: no cover - decode already checked

@@ -30,7 +30,7 @@ from .backends import Backend, connect
 from .delivery import decide, delivery_headers, effective_retry_options
 from .exceptions import ConfigurationError, missing
 from .queues import QueueConfig
-from .taskqueue import Task
+from .taskqueue import Task, validate_queue_name
 
 __all__ = ["Runner", "RunnerStats", "RunnerThread"]
 
@@ -63,7 +63,8 @@ class TokenBucket:
     def __init__(self, rate: float, size: int) -> None:
         self.rate = rate
         self.size = max(1, size)
-        self.tokens = float(self.size)
+        # A paused queue (rate 0) starts empty: it delivers nothing.
+        self.tokens = float(self.size) if rate > 0 else 0.0
         self.updated = time.monotonic()
 
     def _refill(self) -> None:
@@ -137,7 +138,9 @@ class Runner:
             configure = getattr(self.backend, "configure_queue", None)
             if configure is not None:
                 configure(cfg)
-        self.only_queues = list(only_queues) if only_queues else None
+        self.only_queues = (
+            [validate_queue_name(q) for q in only_queues] if only_queues else None
+        )
         self.lease_seconds = lease_seconds
         self.dispatch_deadline = dispatch_deadline
         self.batch_size = batch_size
@@ -189,18 +192,20 @@ class Runner:
             )
         return s
 
-    def _lease_queues(self) -> list[str] | None:
-        """Queues to lease from now: skip those out of tokens or concurrency."""
+    async def _lease_queues(self) -> list[str] | None:
+        """Queues to lease from now: skip those out of tokens or concurrency,
+        paused (rate 0) and pull queues."""
         throttled = (
             {q for q, b in self._buckets.items() if not b.available()}
             | {q for q, s in self._sems.items() if s.locked()}
             | self._pull_queues
+            | {n for n, c in self.queues.items() if c.rate <= 0}
         )
         if self.only_queues is not None:
             return [q for q in self.only_queues if q not in throttled]
         if not throttled:
             return None
-        names = self.backend.queue_names()
+        names = await self._db(self.backend.queue_names)
         return [q for q in names if q not in throttled]
 
     # --- lifecycle ---
@@ -317,7 +322,7 @@ class Runner:
                 )
                 continue
             try:
-                queues = self._lease_queues()
+                queues = await self._lease_queues()
                 if queues == []:
                     await asyncio.sleep(0.01)
                     continue
@@ -378,7 +383,9 @@ class Runner:
                 text = (await resp.content.read(4096)).decode("utf-8", "replace")
                 outcome = resp.headers.get("X-TQ-Web-Outcome", "")
                 return resp.status, text, outcome, True
-        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+        except Exception as err:  # no usable response: retried by the rules
+            if not isinstance(err, aiohttp.ClientError | TimeoutError | OSError):
+                log.warning("tq_web runner: cannot send %s: %r", task.name, err)
             reason = (
                 "dispatch deadline exceeded"
                 if isinstance(err, TimeoutError)

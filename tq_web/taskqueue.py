@@ -396,6 +396,15 @@ def validate_for_add(task: Task) -> None:
         raise InvalidTask("taskqueue: both delay and eta are set")
     if not isinstance(task.payload, bytes | bytearray):
         raise InvalidTask("task payload must be bytes")
+    for key, value in task.headers.items():
+        if not (isinstance(key, str) and isinstance(value, str)):
+            raise InvalidTask("task header names and values must be strings")
+        if (
+            not key
+            or any(c in key for c in "\r\n\x00: ")
+            or any(c in value for c in "\r\n\x00")
+        ):
+            raise InvalidTask(f"invalid task header {key!r}: no CR, LF or NUL allowed")
     if task.eta is not None:
         require_aware(task.eta, "eta")
 

@@ -12,7 +12,40 @@ from urllib.parse import parse_qsl, urlsplit
 from ..exceptions import InvalidBackendURL
 from .base import Backend, BackendBase
 
-__all__ = ["DEFAULT_BACKEND_URL", "Backend", "BackendBase", "connect", "resolve_url"]
+__all__ = [
+    "DEFAULT_BACKEND_URL",
+    "Backend",
+    "BackendBase",
+    "connect",
+    "redact_url",
+    "resolve_url",
+]
+
+_SECRET_QUERY_KEYS = {"password", "passfile", "sslpassword"}
+
+
+def redact_url(url: str) -> str:
+    """``url`` with passwords (in the user part or the query) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            user, _, host = netloc.rpartition("@")
+            if ":" in user:
+                netloc = f"{user.partition(':')[0]}:***@{host}"
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if netloc == parts.netloc and not any(
+            k.lower() in _SECRET_QUERY_KEYS for k, _ in pairs
+        ):
+            return url  # nothing secret (keeps sqlite:/// URLs exactly)
+        query = "&".join(
+            f"{k}=***" if k.lower() in _SECRET_QUERY_KEYS else f"{k}={v}"
+            for k, v in pairs
+        )
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    except ValueError:
+        return "<unparsable URL>"
+
 
 DEFAULT_BACKEND_URL = "sqlite:///tq_web.sqlite3"
 ENV_BACKEND = "TQ_WEB_BACKEND"
@@ -52,8 +85,9 @@ def connect(url: str | None = None, **options: Any) -> Backend:
         raise InvalidBackendURL(f"backend URL must be a string, got {url!r}")
     scheme, sep, _rest = url.partition("://")
     if not sep or scheme not in _SCHEMES:
+        shown = f"scheme {scheme + '://'!r}" if sep else "URL without a scheme"
         raise InvalidBackendURL(
-            f"unsupported backend URL {url!r}: use memory://, sqlite:///path.db, "
+            f"unsupported backend {shown}: use memory://, sqlite:///path.db, "
             "postgresql://..., or cloudtasks://projects/P/locations/L"
         )
     parts = urlsplit(url)

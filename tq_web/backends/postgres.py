@@ -1515,10 +1515,6 @@ class PostgresBackend(BackendBase):
         self._pool.close()
 
     def __repr__(self) -> str:
-        parts = urlsplit(self.url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            user, _, host = netloc.rpartition("@")
-            netloc = f"{user.partition(':')[0]}:***@{host}" if ":" in user else netloc
-        url = urlunsplit(parts._replace(netloc=netloc))
-        return f"<PostgresBackend {url} schema={self.schema}>"
+        from . import redact_url
+
+        return f"<PostgresBackend {redact_url(self.url)} schema={self.schema}>"
