@@ -130,6 +130,9 @@ class Dispatcher:
             retry_untagged=retry_untagged_errors,
             log_task_bodies=log_task_bodies,
         )
+        self.core.auth_may_block = lambda: (
+            bool(self._extra_auth) and not (self.allow_unauthenticated)
+        )
         if self._backend is not None:
             self._configure_backend(self._backend)
 

@@ -163,6 +163,9 @@ class PushCore:
         self.max_body_size = max_body_size
         self.retry_untagged = retry_untagged
         self.log_task_bodies = log_task_bodies
+        # Set when an authenticator may block (an OIDC certificate fetch): the
+        # async path then runs the checks in a worker thread, off the event loop.
+        self.auth_may_block: Callable[[], bool] = lambda: False
 
     def _proto_lookup(self, type_name: str) -> type[Message] | None:
         reg = self.lookup(type_name)
@@ -249,7 +252,10 @@ class PushCore:
         self, request: PushRequest, *, trusted: bool = False
     ) -> PushResult:
         """Handle a push from async code (ASGI); sync handlers run in a thread."""
-        prepared = self.prepare(request, trusted=trusted)
+        if not trusted and self.auth_may_block():
+            prepared = await asyncio.to_thread(self.prepare, request)
+        else:
+            prepared = self.prepare(request, trusted=trusted)
         if isinstance(prepared, PushResult):
             return prepared
         reg, message, headers = prepared

@@ -141,3 +141,52 @@ def test_flask_app_under_script_name():
     assert calls == [Duration(seconds=4)]
     with pytest.raises(tq_web.ConfigurationError):
         d.install_routes(flask.Flask("x"), mount_path="/elsewhere")
+
+
+def test_slow_authenticator_does_not_block_the_event_loop():
+    """An authenticator that blocks (a certificate fetch) runs off the loop."""
+    import asyncio
+
+    class Slow:
+        def authenticate(self, request: tq_web.PushRequest) -> str | None:
+            time.sleep(0.4)
+            return None
+
+    calls: list[Any] = []
+    d = tq_web.Dispatcher("memory://", secret_key="k", authenticators=[Slow()])
+    d.register_task(Duration, calls.append)
+    app = d.asgi_app()
+    body = b'{"type":"google.protobuf.Duration","body":"1s"}'
+
+    async def main() -> float:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        t = asyncio.create_task(ticker())
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/internal/tasks/x",
+            "root_path": "",
+            "headers": [],
+        }
+        await app(scope, receive, send)
+        t.cancel()
+        assert sent[0]["status"] == 200
+        return ticks
+
+    assert asyncio.run(main()) >= 20  # the loop kept ticking during the 0.4 s check
+    assert calls == [Duration(seconds=1)]
