@@ -378,3 +378,12 @@ def test_complete_many(backend):
     assert backend.queue_stats(["cm1", "cm2"])[0].tasks == 0
     with pytest.raises(tq.TaskAlreadyAdded):
         backend.add(push("cm0"), "cm1")
+
+
+def test_lease_rejects_bad_max_tasks(backend):
+    for call in (
+        lambda: backend.lease(0, "pq", 30),
+        lambda: backend.lease_by_tag(0, "pq", 30, "t"),
+    ):
+        with pytest.raises(ValueError, match="max_tasks"):
+            call()

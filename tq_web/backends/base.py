@@ -265,6 +265,41 @@ class BackendBase:
         )
         return opts.merged(DEFAULT_RETRY_OPTIONS).retry_limit
 
+    # --- pull leases: shared argument handling, backends implement _lease ---
+    def lease(
+        self, max_tasks: int, queue_name: str, lease_seconds: Duration
+    ) -> list[Task]:
+        """Lease up to ``max_tasks`` due pull tasks (earliest ETA first).
+
+        Each lease increments ``retry_count``; a task over its retry limit
+        moves to the failed state instead.
+        """
+        return self._checked_lease(max_tasks, queue_name, lease_seconds, None)
+
+    def lease_by_tag(
+        self, max_tasks: int, queue_name: str, lease_seconds: Duration, tag: str = ""
+    ) -> list[Task]:
+        """Lease due pull tasks with ``tag`` (``""``: the earliest task's tag)."""
+        return self._checked_lease(max_tasks, queue_name, lease_seconds, tag)
+
+    def _checked_lease(
+        self, max_tasks: int, queue_name: str, lease_seconds: Duration, tag: str | None
+    ) -> list[Task]:
+        if max_tasks < 1:
+            raise ValueError("max_tasks must be >= 1")
+        return self._lease(max_tasks, queue_name, lease_seconds, tag)
+
+    def _lease(
+        self, max_tasks: int, queue_name: str, lease_seconds: Duration, tag: str | None
+    ) -> list[Task]:
+        """Lease pull tasks; ``tag`` None means any tag."""
+        raise NotImplementedError
+
+    @staticmethod
+    def lease_duration(lease_seconds: Duration) -> timedelta:
+        """A lease length as a timedelta (``0`` gives the task back)."""
+        return to_timedelta(lease_seconds, "lease_seconds") or timedelta()
+
     def complete_many(self, tasks: Sequence[Task]) -> None:
         """Mark several leased tasks done (each names its ``queue_name``).
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from .._time import Duration, to_timedelta
+from .._time import Duration
 from ..taskqueue import (
     LeaseExpired,
     MultiError,
@@ -135,9 +135,7 @@ class MemoryBackend(BackendBase):
     def _lease(
         self, max_tasks: int, queue_name: str, lease_seconds: Duration, tag: str | None
     ) -> list[Task]:
-        if max_tasks < 1:
-            raise ValueError("max_tasks must be >= 1")
-        lease = to_timedelta(lease_seconds, "lease_seconds") or timedelta()
+        lease = self.lease_duration(lease_seconds)
         q = self.queue(queue_name)
         limit = None
         with self._lock:
@@ -177,20 +175,10 @@ class MemoryBackend(BackendBase):
                 out.append(self._out(r))
             return out
 
-    def lease(
-        self, max_tasks: int, queue_name: str, lease_seconds: Duration
-    ) -> list[Task]:
-        return self._lease(max_tasks, queue_name, lease_seconds, None)
-
-    def lease_by_tag(
-        self, max_tasks: int, queue_name: str, lease_seconds: Duration, tag: str = ""
-    ) -> list[Task]:
-        return self._lease(max_tasks, queue_name, lease_seconds, tag)
-
     def modify_lease(
         self, task: Task, queue_name: str, lease_seconds: Duration
     ) -> None:
-        lease = to_timedelta(lease_seconds, "lease_seconds") or timedelta()
+        lease = self.lease_duration(lease_seconds)
         q = self.queue(queue_name)
         with self._lock:
             now = self.now()
@@ -253,7 +241,7 @@ class MemoryBackend(BackendBase):
         lease_seconds: Duration,
         queue_names: Sequence[str] | None = None,
     ) -> list[Task]:
-        lease = to_timedelta(lease_seconds, "lease_seconds") or timedelta()
+        lease = self.lease_duration(lease_seconds)
         wanted = None if queue_names is None else {self.queue(q) for q in queue_names}
         with self._lock:
             now = self.now()

@@ -49,7 +49,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .._time import Duration, require_aware, to_timedelta, utcnow
+from .._time import Duration, require_aware, utcnow
 from ..exceptions import ConfigurationError, InvalidBackendURL, InvalidTask, Transient
 from ..exceptions import missing as _missing
 from ..taskqueue import (
@@ -1090,24 +1090,11 @@ class PostgresBackend(BackendBase):
             return {row[0] for row in cur.fetchall()}
 
     # --- pull queues ---
-    def lease(
-        self, max_tasks: int, queue_name: str, lease_seconds: Duration
-    ) -> list[Task]:
-        """Lease up to ``max_tasks`` due pull tasks (earliest ETA first)."""
-        return self._lease(max_tasks, queue_name, lease_seconds, None)
-
-    def lease_by_tag(
-        self, max_tasks: int, queue_name: str, lease_seconds: Duration, tag: str = ""
-    ) -> list[Task]:
-        """Lease due pull tasks with ``tag`` (``""``: the earliest task's tag)."""
-        return self._lease(max_tasks, queue_name, lease_seconds, tag)
 
     def _lease(
         self, max_tasks: int, queue_name: str, lease_seconds: Duration, tag: str | None
     ) -> list[Task]:
-        if max_tasks < 1:
-            raise ValueError("max_tasks must be >= 1")
-        lease = to_timedelta(lease_seconds, "lease_seconds") or timedelta()
+        lease = self.lease_duration(lease_seconds)
         q = self.queue(queue_name)
         qlimit = self.pull_retry_limit(None, q)
         out: list[tuple[datetime, str, Task]] = []
@@ -1155,7 +1142,7 @@ class PostgresBackend(BackendBase):
             TaskNotFound: no such task.
             LeaseExpired: the caller's lease has expired or was taken over.
         """
-        lease = to_timedelta(lease_seconds, "lease_seconds") or timedelta()
+        lease = self.lease_duration(lease_seconds)
         q = self.queue(queue_name)
         params = {
             "now": self._now_param(),
@@ -1218,7 +1205,7 @@ class PostgresBackend(BackendBase):
         Also deletes expired tombstones and failed tasks now and then (bounded
         batches; see :meth:`delete_expired`).
         """
-        lease = to_timedelta(lease_seconds, "lease_seconds") or timedelta()
+        lease = self.lease_duration(lease_seconds)
         queues = (
             None
             if queue_names is None

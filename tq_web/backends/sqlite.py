@@ -692,9 +692,7 @@ class SQLiteBackend(BackendBase):
     def _lease(
         self, max_tasks: int, queue_name: str, lease_seconds: Duration, tag: str | None
     ) -> list[Task]:
-        if max_tasks < 1:
-            raise ValueError("max_tasks must be >= 1")
-        lease = to_timedelta(lease_seconds, "lease_seconds") or timedelta()
+        lease = self.lease_duration(lease_seconds)
         q = self.queue(queue_name)
         now = self.now()
         now_us = to_us(now)
@@ -751,22 +749,6 @@ class SQLiteBackend(BackendBase):
                     break
         return out
 
-    def lease(
-        self, max_tasks: int, queue_name: str, lease_seconds: Duration
-    ) -> list[Task]:
-        """Lease up to ``max_tasks`` due pull tasks (earliest ETA first).
-
-        Each lease increments ``retry_count``; a task over its retry limit
-        moves to the failed state instead.
-        """
-        return self._lease(max_tasks, queue_name, lease_seconds, None)
-
-    def lease_by_tag(
-        self, max_tasks: int, queue_name: str, lease_seconds: Duration, tag: str = ""
-    ) -> list[Task]:
-        """Lease due pull tasks with ``tag`` (``""``: the earliest task's tag)."""
-        return self._lease(max_tasks, queue_name, lease_seconds, tag)
-
     def modify_lease(
         self, task: Task, queue_name: str, lease_seconds: Duration
     ) -> None:
@@ -776,7 +758,7 @@ class SQLiteBackend(BackendBase):
             TaskNotFound: no such task.
             LeaseExpired: the caller's lease has expired or was taken over.
         """
-        lease = to_timedelta(lease_seconds, "lease_seconds") or timedelta()
+        lease = self.lease_duration(lease_seconds)
         q = self.queue(queue_name)
         now = self.now()
         now_us = to_us(now)
@@ -890,7 +872,7 @@ class SQLiteBackend(BackendBase):
         runners in any number of processes never get the same task. See
         :meth:`tq_web.backends.base.Backend.lease_push` for the fields set.
         """
-        lease = to_timedelta(lease_seconds, "lease_seconds") or timedelta()
+        lease = self.lease_duration(lease_seconds)
         queues = None
         if queue_names is not None:
             queues = sorted({self.queue(q) for q in queue_names})
